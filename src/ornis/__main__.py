@@ -1,0 +1,5 @@
+import sys
+
+from ornis.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``ornis`` command: thin sub-commands that parse arguments and call the library."""

@@ -1,0 +1,1 @@
+"""Inference: one image (``ornis.inference.classification``) and collections (the batch runner)."""

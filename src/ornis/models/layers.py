@@ -1,0 +1,140 @@
+"""Blocks shared by every family: attention, MLP, layer scale, norms, drop path, position-embedding resizing.
+
+Module and parameter names follow the published checkpoints (e.g. ``attn.qkv``, ``mlp.0``, ``layer_scale_1.gamma``)
+so those files load with ``strict=True`` and no key remapping.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NormKind = Literal["layernorm", "rmsnorm"]
+
+
+def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}: expected 'layernorm' or 'rmsnorm'")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al., 2016); the identity outside training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(rate: float, count: int) -> list[float]:
+    """Stochastic-depth rates growing linearly from 0 to ``rate`` over ``count`` blocks (plain floats, so models
+    can be built on the meta device)."""
+    return [rate * i / (count - 1) if count > 1 else 0.0 for i in range(count)]
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (CaiT / DeiT III). Works on channels-last tensors."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Sequential):
+    """Linear, activation, dropout, linear, dropout: indices 0 and 3 hold the weights (``mlp.0``, ``mlp.3``)."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, act: Callable[[], nn.Module] = nn.GELU, dropout: float = 0.0, out_dim: int | None = None
+    ) -> None:
+        super().__init__(
+            nn.Linear(dim, hidden_dim),
+            act(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, out_dim or dim),
+            nn.Dropout(dropout),
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernels."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def interpolate_grid(
+    grid: torch.Tensor,
+    old_hw: tuple[int, int],
+    new_hw: tuple[int, int],
+    mode: str = "bicubic",
+    antialias: bool = False,
+) -> torch.Tensor:
+    """Resize a (1, h*w, D) table of per-position embeddings laid out row-major on an h x w grid.
+
+    Interpolation runs in float32 (bicubic kernels are not implemented for half types on every device) and the
+    result is cast back. ``antialias`` only matters when shrinking.
+    """
+    if tuple(old_hw) == tuple(new_hw):
+        return grid
+    dim = grid.shape[-1]
+    out = grid.float().reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2)
+    out = F.interpolate(out, size=new_hw, mode=mode, antialias=antialias, align_corners=False if mode != "nearest" else None)
+    return out.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim).to(grid.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _pinv_resize_matrix(old: tuple[int, int], new: tuple[int, int], device: torch.device) -> torch.Tensor:
+    # FlexiViT (Beyer et al., 2023, eq. 3): with B the matrix of bilinear resizing from old to new patch size,
+    # the patch-embedding weights that keep <x, w> = <Bx, w'> for every patch x are w' = pinv(B)^T w.
+    with torch.autocast(device.type, enabled=False), torch.no_grad():
+        n_old = old[0] * old[1]
+        basis = torch.eye(n_old, dtype=torch.float32, device=device).reshape(n_old, 1, *old)
+        resized = F.interpolate(basis, size=new, mode="bilinear", align_corners=False)
+        matrix = resized.reshape(n_old, new[0] * new[1]).T  # (new_numel, old_numel)
+        return torch.linalg.pinv(matrix)
+
+
+def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Resample conv patch-embedding weights (D, C, p, p) to another patch size by FlexiViT's pseudo-inverse resize."""
+    old = (weight.shape[-2], weight.shape[-1])
+    new = (patch_size, patch_size)
+    if old == new:
+        return weight
+    pinv = _pinv_resize_matrix(old, new, weight.device)
+    out = weight.float().flatten(2) @ pinv
+    return out.reshape(*weight.shape[:2], *new).to(weight.dtype)

@@ -1,0 +1,266 @@
+"""The published checkpoint format, read and written.
+
+A ``.pt`` file is a ``torch.save`` dict: ``state`` (state dict), ``task``, ``signature`` (input/output shapes),
+``class_to_idx``, ``rgb_stats`` (``mean``, ``std``), ``birder_version`` and optionally ``config`` (architecture
+overrides). ornis adds ``network`` (the architecture name) to files it writes; readers that do not know the key
+ignore it. A ``.safetensors`` file holds the state's tensors and the same fields as JSON strings in its metadata.
+
+Nothing here ever unpickles arbitrary objects: ``.pt`` files load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ornis.errors import CheckpointFormatError, StateDictMismatchError
+
+FORMAT_VERSION = "0.8.4"  # the reference version whose file layout we write; stored as "birder_version"
+REQUIRED_KEYS = ("state", "task", "signature", "class_to_idx", "rgb_stats")
+SAFETENSORS_SUFFIXES = (".safetensors", ".st")
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    signature: dict[str, Any]
+    class_to_idx: dict[str, int]
+    rgb_stats: dict[str, Any]
+    task: str = "image_classification"
+    config: dict[str, Any] | None = None
+    network: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return get_size_from_signature(self.signature)
+
+    @property
+    def num_classes(self) -> int:
+        if "num_labels" in self.signature:
+            return int(self.signature["num_labels"])
+        return int(self.signature["outputs"][0]["data_shape"][1])
+
+
+def get_size_from_signature(signature: dict[str, Any]) -> tuple[int, int]:
+    """The (H, W) input size a signature records."""
+    shape = signature["inputs"][0]["data_shape"]
+    return (int(shape[2]), int(shape[3]))
+
+
+def make_signature(size: tuple[int, int], num_outputs: int, channels: int = 3) -> dict[str, Any]:
+    return {
+        "inputs": [{"data_shape": [0, channels, int(size[0]), int(size[1])]}],
+        "outputs": [{"data_shape": [0, int(num_outputs)]}],
+    }
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON object
+        return "safetensors"
+    if head[:1] == b"\x80":  # a protocol-2+ pickle: torch's legacy (pre-1.6) format
+        return "pickle"
+    return "unknown"
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint in the published format, safely. Raises CheckpointFormatError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFormatError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointFormatError(path, "the file is empty (0 bytes); expected a .pt or .safetensors checkpoint")
+    kind = _sniff(path)
+    if kind == "safetensors" or (kind == "unknown" and path.suffix in SAFETENSORS_SUFFIXES):
+        return _read_safetensors(path, map_location)
+    if kind == "unknown":
+        raise CheckpointFormatError(
+            path, "not a checkpoint: expected a torch.save zip archive (.pt) or a safetensors file"
+        )
+    if kind == "zip" and not zipfile.is_zipfile(path):
+        raise CheckpointFormatError(path, "the zip archive is truncated or corrupt (a partial download?)")
+    try:
+        # mmap: a 1 GB checkpoint is paged in as it is used instead of read whole first
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as e:
+        raise CheckpointFormatError(
+            path, f"refused to unpickle: the file holds objects other than tensors and plain data ({_first_line(e)})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointFormatError(path, f"cannot be read as a checkpoint, truncated or corrupt ({_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(path, f"expected a dict with keys {', '.join(REQUIRED_KEYS)}, found a {type(obj).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise CheckpointFormatError(
+            path, f"expected keys {', '.join(REQUIRED_KEYS)}; missing {', '.join(missing)} (found {', '.join(map(str, obj))})"
+        )
+    known = set(REQUIRED_KEYS) | {"config", "network"}
+    return Checkpoint(
+        state=obj["state"],
+        signature=obj["signature"],
+        class_to_idx=obj["class_to_idx"],
+        rgb_stats=obj["rgb_stats"],
+        task=str(obj["task"]),
+        config=obj.get("config") or None,
+        network=obj.get("network"),
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointFormatError(path, f"cannot be read as safetensors, truncated or corrupt ({_first_line(e)})") from None
+    missing = [k for k in ("signature", "class_to_idx", "rgb_stats") if k not in meta]
+    if missing:
+        raise CheckpointFormatError(path, f"safetensors metadata lacks {', '.join(missing)} (found {', '.join(meta) or 'none'})")
+    try:
+        return Checkpoint(
+            state=state,
+            signature=json.loads(meta["signature"]),
+            class_to_idx=json.loads(meta["class_to_idx"]),
+            rgb_stats=json.loads(meta["rgb_stats"]),
+            task=meta.get("task", "image_classification"),
+            config=json.loads(meta["config"]) if meta.get("config") else None,
+            network=meta.get("network"),
+            extra={k: v for k, v in meta.items() if k in ("birder_version", "ornis_version")},
+        )
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(path, f"safetensors metadata is not valid JSON ({e})") from None
+
+
+def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write ``ckpt`` in the published format (by suffix: ``.safetensors`` or ``.pt``), atomically."""
+    from ornis import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import save_file
+
+            meta = {
+                "birder_version": FORMAT_VERSION,
+                "ornis_version": __version__,
+                "task": ckpt.task,
+                "class_to_idx": json.dumps(ckpt.class_to_idx),
+                "signature": json.dumps(ckpt.signature),
+                "rgb_stats": json.dumps(ckpt.rgb_stats),
+            }
+            if ckpt.config:
+                meta["config"] = json.dumps(ckpt.config)
+            if ckpt.network:
+                meta["network"] = ckpt.network
+            save_file({k: v.detach().contiguous() for k, v in ckpt.state.items()}, tmp, metadata=meta)
+        else:
+            obj: dict[str, Any] = {
+                "state": ckpt.state,
+                "birder_version": FORMAT_VERSION,
+                "task": ckpt.task,
+                "signature": ckpt.signature,
+                "class_to_idx": ckpt.class_to_idx,
+                "rgb_stats": ckpt.rgb_stats,
+            }
+            if ckpt.config:
+                obj["config"] = ckpt.config
+            if ckpt.network:
+                obj["network"] = ckpt.network
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_model(
+    net: nn.Module,
+    path: str | os.PathLike,
+    *,
+    class_to_idx: dict[str, int] | None = None,
+    rgb_stats: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Save an ornis encoder in the published format, ready for ``ornis.load_pretrained_model(path)``."""
+    from ornis.data.transforms import DEFAULT_RGB_STATS
+
+    num_classes = getattr(net, "num_classes", 0)
+    if class_to_idx is None:
+        class_to_idx = {str(i): i for i in range(num_classes)}
+    outputs = num_classes if num_classes > 0 else net.embedding_size
+    ckpt = Checkpoint(
+        state={k: v.detach().cpu() for k, v in net.state_dict().items()},
+        signature=make_signature(net.size, outputs),
+        class_to_idx=class_to_idx,
+        rgb_stats=rgb_stats or DEFAULT_RGB_STATS,
+        task=getattr(net, "task", "image_classification"),
+        config=config,
+        network=getattr(net, "name", None),
+    )
+    return write_checkpoint(ckpt, path)
+
+
+def load_state(
+    net: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    path: str | os.PathLike | None = None,
+    assign: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Load ``state`` into ``net``; a missing, unexpected or mis-shaped key raises StateDictMismatchError listing
+    them all. With ``strict=False`` the tensors that fit are loaded and (missing, unexpected) is returned.
+    ``assign=True`` adopts the tensors instead of copying them (for a model built on the meta device); they are
+    cast to the model's dtypes first, as a copy would."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        (k, tuple(own[k].shape), tuple(v.shape)) for k, v in state.items() if k in own and own[k].shape != v.shape
+    ]
+    if strict and (missing or unexpected or mismatched):
+        raise StateDictMismatchError(path, getattr(net, "name", type(net).__name__), missing, unexpected, mismatched)
+    if mismatched:
+        raise StateDictMismatchError(path, getattr(net, "name", type(net).__name__), [], [], mismatched)
+    if assign:
+        state = {
+            k: v.to(own[k].dtype) if k in own and v.is_floating_point() and v.dtype != own[k].dtype else v
+            for k, v in state.items()
+        }
+    net.load_state_dict(state, strict=False, assign=assign)
+    return missing, unexpected
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
