@@ -209,10 +209,9 @@ def save_model(
     num_classes = getattr(net, "num_classes", 0)
     if class_to_idx is None:
         class_to_idx = {str(i): i for i in range(num_classes)}
-    outputs = num_classes if num_classes > 0 else net.embedding_size
     ckpt = Checkpoint(
         state={k: v.detach().cpu() for k, v in net.state_dict().items()},
-        signature=make_signature(net.size, outputs),
+        signature=make_signature(net.size, num_classes),
         class_to_idx=class_to_idx,
         rgb_stats=rgb_stats or DEFAULT_RGB_STATS,
         task=getattr(net, "task", "image_classification"),
