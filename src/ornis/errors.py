@@ -74,3 +74,15 @@ class ChecksumError(OrnisError):
 def _short_list(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... (+{len(items) - limit} more)"
+
+
+class EmbeddingsFormatError(OrnisError):
+    """An embeddings table (Parquet) or index file lacks a column, or its contents do not fit the request."""
+
+
+class ExportError(OrnisError):
+    """A model cannot be exported as asked (format, output, dynamic size, destination); no file is left behind."""
+
+
+class ExportCheckError(ExportError):
+    """An exported model's outputs differ from the eager model's beyond the tolerance; the file was deleted."""

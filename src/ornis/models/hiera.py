@@ -1,1 +1,418 @@
-"""Hiera (MAE-style hierarchical ViT) with absolute-window position embedding. Written in the Hiera issue."""
+"""Hiera (Ryali et al., 2023): a hierarchical ViT with mask-unit attention in the first two stages, global attention
+in the last two, and max-pooled queries between stages; optionally with the "absolute-window" position embedding
+(Bolya et al., 2023: a background table interpolated to the token grid plus one window table tiled over it).
+
+Token layout. After the stem, tokens are "unrolled" once, so that every 2x2 neighbourhood that a later query
+pooling merges, and every 8x8 mask unit, is a contiguous run of the sequence: token index =
+``(sy1, sx1, sy2, sx2, sy3, sx3, h, w)`` where ``y = 8h + 4 sy3 + 2 sy2 + sy1`` (likewise x) and ``(h, w)`` is the
+mask unit. Query pooling is then a max over the slowest axis, and mask-unit attention a reshape, with no gather.
+Each pooling consumes the finest ``(sy, sx)`` pair; after the third, tokens are in plain row-major order.
+Intermediate stages are "rerolled" to NCHW maps only when asked for.
+
+Input sides must be multiples of 32 (stem stride 4 times three 2x poolings; a mask unit is 8x8 tokens). Any such
+size works per call; ``adjust_size`` re-bases the stored position table like the reference does.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ornis.models.base import Encoder, Features, normalize_indices
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid
+from ornis.models.registry import register_model
+
+PATCH_STRIDE = 4
+MASK_UNIT = 8  # tokens per side of a mask unit
+Q_STRIDE = 2  # per side; a pooled query merges Q_STRIDE**2 tokens
+Q_POOL = 3  # poolings, at the starts of stages 2, 3 and 4
+MASK_UNIT_ATTN = (True, True, False, False)  # per stage
+TOTAL_STRIDE = PATCH_STRIDE * Q_STRIDE**Q_POOL  # 32
+
+
+@dataclass(frozen=True)
+class HieraConfig:
+    # Field names are the reference's config keys, so a checkpoint's "config" applies as it is
+    depths: tuple[int, ...]
+    embed_dim: int
+    num_heads: int
+    abs_win_pos_embed: bool = True
+    drop_path_rate: float = 0.1
+    default_size: int = 224
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    dim: int
+    dim_out: int
+    heads: int
+    q_stride: int  # tokens merged per pooled query (1: no pooling)
+    window_tokens: int  # tokens in a mask unit after this block's pooling
+    mask_unit_attn: bool
+    drop_path: float
+
+
+def block_plans(cfg: HieraConfig) -> list[list[BlockPlan]]:
+    """Per stage, the plan of each block. The attention kind lags one block behind the stage change: the pooling
+    block that opens a global-attention stage still attends within mask units (as in the paper's code)."""
+    if len(cfg.depths) != 4:
+        raise ValueError(f"Hiera needs 4 stage depths, got {cfg.depths}")
+    rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
+    stage_ends = [sum(cfg.depths[: i + 1]) - 1 for i in range(4)]
+    pool_blocks = {end + 1 for end in stage_ends[:Q_POOL]}
+    dim, heads, window, stage = cfg.embed_dim, cfg.num_heads, MASK_UNIT * MASK_UNIT, 0
+    stages: list[list[BlockPlan]] = [[] for _ in cfg.depths]
+    for i in range(sum(cfg.depths)):
+        dim_out = dim
+        mask_unit_attn = MASK_UNIT_ATTN[stage]
+        if i - 1 in stage_ends:
+            dim_out, heads, stage = dim * 2, heads * 2, stage + 1
+            if i in pool_blocks:
+                window //= Q_STRIDE * Q_STRIDE
+        q_stride = Q_STRIDE * Q_STRIDE if i in pool_blocks else 1
+        stages[stage].append(BlockPlan(dim, dim_out, heads, q_stride, window, mask_unit_attn, rates[i]))
+        dim = dim_out
+    return stages
+
+
+class ConvStem(nn.Module):
+    """7x7 / stride 4 convolution (``stem.proj``), shared with HieraDet."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=7, stride=PATCH_STRIDE, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class MaskUnitAttention(nn.Module):
+    """Attention within each mask unit (or over all tokens), with the queries max-pooled first where the block
+    opens a stage. Every (head, mask unit) pair is one batch entry of a single 4-D SDPA call."""
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        if plan.dim_out % plan.heads:
+            raise ValueError(f"attention width {plan.dim_out} is not divisible by {plan.heads} heads")
+        self.heads = plan.heads
+        self.head_dim = plan.dim_out // plan.heads
+        self.dim_out = plan.dim_out
+        self.q_stride = plan.q_stride
+        self.window_tokens = plan.window_tokens
+        self.mask_unit_attn = plan.mask_unit_attn
+        self.qkv = nn.Linear(plan.dim, 3 * plan.dim_out)
+        self.proj = nn.Linear(plan.dim_out, plan.dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        # The window index is the fastest-varying one in the unrolled layout; under token masking N counts only
+        # the kept mask units, and so does `windows`
+        windows = N // (self.q_stride * self.window_tokens) if self.mask_unit_attn else 1
+        T = N // windows
+        qkv = self.qkv(x).view(B, T, windows, 3, self.heads, self.head_dim)
+        # One copy into (3, B, heads * windows, T, head_dim): 4-D, so the flash / memory-efficient kernels apply
+        q, k, v = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, T, self.head_dim).unbind(0)
+        if self.q_stride > 1:
+            q = q.view(B, self.heads * windows, self.q_stride, T // self.q_stride, self.head_dim).amax(dim=2)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.view(B, self.heads, windows, -1, self.head_dim).permute(0, 3, 2, 1, 4).reshape(B, -1, self.dim_out)
+        return self.proj(x)
+
+
+class HieraBlock(nn.Module):
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        self.q_stride = plan.q_stride
+        self.norm1 = nn.LayerNorm(plan.dim, eps=1e-6)
+        self.proj = nn.Linear(plan.dim, plan.dim_out) if plan.dim != plan.dim_out else None
+        self.attn = MaskUnitAttention(plan)
+        self.norm2 = nn.LayerNorm(plan.dim_out, eps=1e-6)
+        self.mlp = Mlp(plan.dim_out, 4 * plan.dim_out)
+        self.drop_path = DropPath(plan.drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_norm = self.norm1(x)
+        if self.proj is not None:
+            x = self.proj(x_norm)
+            x = x.view(x.shape[0], self.q_stride, -1, x.shape[-1]).amax(dim=1)  # the shortcut's max-pool
+        x = x + self.drop_path(self.attn(x_norm))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AvgTokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def unroll(x: torch.Tensor, levels: int = Q_POOL) -> torch.Tensor:
+    """(B, C, Y, X) map -> (B, Y*X, C) tokens in the unrolled order (module docstring), in one copy."""
+    B, C, Y, X = x.shape
+    h, w = Y >> levels, X >> levels
+    x = x.view(B, C, h, *(2,) * levels, w, *(2,) * levels)
+    # view dims: B, C, h, sy_levels..sy_1, w, sx_levels..sx_1; sy_k sits at 3 + levels - k
+    order = [0]
+    for k in range(1, levels + 1):
+        order += [3 + levels - k, 4 + 2 * levels - k]
+    order += [2, 3 + levels, 1]
+    return x.permute(order).reshape(B, Y * X, C)
+
+
+def reroll(x: torch.Tensor, levels: int, units: tuple[int, int] | None) -> torch.Tensor:
+    """Undo the unrolling that ``levels`` poolings have not consumed yet.
+
+    With ``units=(h, w)`` (the mask-unit grid): a (B, C, h * 2**levels, w * 2**levels) map. With ``units=None``
+    (token masking, mask units dropped): (B, K, m, m, C) with m = 2**levels, one m x m patch per kept mask unit.
+    """
+    B, N, C = x.shape
+    m = 1 << levels
+    # view dims: B, (sy_1, sx_1), ..., (sy_L, sx_L), units..., C; sy_k at 2k - 1, sx_k at 2k
+    sy = [2 * k - 1 for k in range(levels, 0, -1)]
+    sx = [2 * k for k in range(levels, 0, -1)]
+    if units is None:
+        x = x.view(B, *(2,) * (2 * levels), N // (m * m), C)
+        return x.permute(0, 2 * levels + 1, *sy, *sx, 2 * levels + 2).reshape(B, -1, m, m, C)
+    h, w = units
+    x = x.view(B, *(2,) * (2 * levels), h, w, C)
+    return x.permute(0, 2 * levels + 3, 2 * levels + 1, *sy, 2 * levels + 2, *sx).reshape(B, C, h * m, w * m)
+
+
+class Hiera(Encoder):
+    family = "hiera"
+
+    def __init__(self, config: HieraConfig, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
+        super().__init__(config, num_classes, size, name)
+        cfg = config
+        check_size(self.name, self.size)
+        self.stem = ConvStem(3, cfg.embed_dim)
+        grid = self.token_grid
+        if cfg.abs_win_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, self.size[0] // 16, self.size[1] // 16))
+            self.pos_embed_win = nn.Parameter(torch.zeros(1, cfg.embed_dim, MASK_UNIT, MASK_UNIT))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], cfg.embed_dim))
+            self.pos_embed_win = None
+
+        plans = block_plans(cfg)
+        self.body = nn.Sequential(
+            OrderedDict(
+                (f"stage{i + 1}", nn.Sequential(*(HieraBlock(p) for p in stage))) for i, stage in enumerate(plans)
+            )
+        )
+        final_dim = plans[-1][-1].dim_out
+        self.features = nn.Sequential(AvgTokens(), nn.LayerNorm(final_dim, eps=1e-6))
+        self.grad_checkpointing = False
+
+        self.embedding_size = final_dim
+        self.return_stages = ["stage1", "stage2", "stage3", "stage4"]
+        self.return_channels = [stage[-1].dim_out for stage in plans]
+        self.classifier = self.create_classifier(num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The reference's init: small positive biases on linear layers and norms, a near-zero head
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.constant_(m.bias, 0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.constant_(m.bias, 0.02)
+                nn.init.ones_(m.weight)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed_win is not None:
+            nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
+        if isinstance(self.classifier, nn.Linear):
+            with torch.no_grad():
+                self.classifier.weight.mul_(0.001)
+                self.classifier.bias.mul_(0.001)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return (self.size[0] // PATCH_STRIDE, self.size[1] // PATCH_STRIDE)
+
+    @property
+    def mask_spatial_shape(self) -> tuple[int, int]:
+        """The mask-unit grid at the model's size (what MIM masks are drawn on)."""
+        return (self.size[0] // TOTAL_STRIDE, self.size[1] // TOTAL_STRIDE)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # -- tokens ------------------------------------------------------------------------------------------------
+    def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for a token grid, as a (1, C, Y, X) map."""
+        if self.pos_embed_win is None:
+            table = self.pos_embed
+            if grid != self.token_grid:
+                table = interpolate_grid(table, self.token_grid, grid, antialias=True)
+            return table.transpose(1, 2).reshape(1, -1, *grid)
+        window = self.pos_embed_win.tile(1, 1, grid[0] // MASK_UNIT, grid[1] // MASK_UNIT)
+        background = F.interpolate(self.pos_embed.float(), size=grid, mode="bicubic", antialias=True)
+        return background.to(window.dtype) + window
+
+    def _tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Stem, position embedding, unroll; with ``keep`` (B, K) sorted mask-unit indices, only those units'
+        tokens (and the image outside the others is zeroed before the stem, as the reference does)."""
+        check_size(self.name, x.shape[-2:])
+        B, _, H, W = x.shape
+        units = (H // TOTAL_STRIDE, W // TOTAL_STRIDE)
+        if keep is not None:
+            unit_mask = torch.zeros(B, units[0] * units[1], dtype=x.dtype, device=x.device).scatter_(1, keep, 1.0)
+            pixel_mask = unit_mask.view(B, 1, units[0], 1, units[1], 1).expand(-1, -1, -1, TOTAL_STRIDE, -1, TOTAL_STRIDE)
+            x = x * pixel_mask.reshape(B, 1, H, W)
+        x = self.stem(x)
+        grid = (x.shape[-2], x.shape[-1])
+        tokens = unroll(x + self._pos_embed(grid))
+        if keep is not None:
+            per_unit = tokens.shape[1] // (units[0] * units[1])
+            tokens = tokens.view(B, per_unit, units[0] * units[1], -1)
+            index = keep[:, None, :, None].expand(-1, per_unit, -1, tokens.shape[-1])
+            tokens = tokens.gather(2, index).reshape(B, -1, tokens.shape[-1])
+        return tokens, units
+
+    def _run_stages(self, x: torch.Tensor, last: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        kept: dict[int, torch.Tensor] = {}
+        for i, stage in enumerate(self.body.children()):
+            if i > last:
+                break
+            for blk in stage:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+            if i in keep:
+                kept[i] = x
+        return x, kept
+
+    @staticmethod
+    def _levels_left(stage: int) -> int:
+        return max(0, Q_POOL - stage)  # stage is 0-based
+
+    def _stage_map(self, tokens: torch.Tensor, stage: int, units: tuple[int, int]) -> torch.Tensor:
+        return reroll(tokens, self._levels_left(stage), units)
+
+    # -- public API --------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's tokens (B, H/32 * W/32, C) in row-major order, before the final norm."""
+        tokens, _ = self._tokens(x)
+        return self._run_stages(tokens, len(self.body) - 1)[0]
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of the last stage's tokens, then the final LayerNorm."""
+        return self.features(self.forward_features(x))
+
+    def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{stage name: (B, C, H/s, W/s)}`` for the stages in ``self.return_stages`` (later stages not run)."""
+        names = [f"stage{i + 1}" for i in range(len(self.body))]
+        wanted = [i for i, n in enumerate(names) if n in self.return_stages]
+        if not wanted:
+            return {}
+        tokens, units = self._tokens(x)
+        _, kept = self._run_stages(tokens, max(wanted), wanted)
+        return {names[i]: self._stage_map(kept[i], i, units) for i in wanted}
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> Features:
+        """Chosen stages' outputs as NCHW maps keyed ``stage{i + 1}`` (``indices`` are 0-based stage positions,
+        negative from the end; an int n means the last n stages). ``norm=True`` applies the final LayerNorm to the
+        last stage's map (the only one of its width). ``patch_tokens``: the last stage with the final norm applied
+        per token."""
+        stages = normalize_indices(indices, len(self.body), "stage")
+        last = len(self.body) - 1
+        tokens, units = self._tokens(x)
+        final, kept = self._run_stages(tokens, last, stages)
+        final_norm = self.features[1]
+        maps = {}
+        for i in stages:
+            out = final_norm(kept[i]) if norm and i == last else kept[i]
+            maps[f"stage{i + 1}"] = self._stage_map(out, i, units)
+        return Features(
+            maps=maps, patch_tokens=self._stage_map(final_norm(final), last, units), embedding=self.features(final)
+        )
+
+    # -- token masking (masked image modelling) ------------------------------------------------------------------
+    def masked_encoding_omission(
+        self,
+        x: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        return_all_features: bool = False,
+        return_keys: Literal["all", "tokens", "embedding"] = "tokens",
+    ) -> dict[str, torch.Tensor]:
+        """Encode only the mask units in ``ids_keep`` (B, K) (indices into the row-major mask-unit grid, H/32 x
+        W/32, any order): ``{"tokens": (B, K, C), "embedding": (B, C)}`` as ``return_keys`` asks. Tokens come in
+        increasing mask-unit order, like the reference's."""
+        if return_all_features:
+            raise ValueError("return_all_features is not supported by Hiera")
+        keep = None if ids_keep is None else ids_keep.sort(dim=1).values
+        tokens, _ = self._tokens(x, keep)
+        tokens = self._run_stages(tokens, len(self.body) - 1)[0]
+        result: dict[str, torch.Tensor] = {}
+        if return_keys in ("all", "tokens"):
+            result["tokens"] = tokens
+        if return_keys in ("all", "embedding"):
+            result["embedding"] = self.features(tokens)
+        return result
+
+    def masked_encoding(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """MAE-Hiera's encoder pass. ``mask`` (B, units): 1 = masked (dropped), the same count in every row.
+
+        Returns, for each stage in ``return_stages``, the kept units' tokens as (B, K, m, m, C) patches, and the
+        boolean keep mask (B, units), as the reference does."""
+        keep_mask = (1 - mask).bool()
+        B = keep_mask.shape[0]
+        keep = keep_mask.nonzero(as_tuple=True)[1].view(B, -1)  # ascending per row
+        tokens, _ = self._tokens(x, keep)
+        names = [f"stage{i + 1}" for i in range(len(self.body))]
+        wanted = [i for i, n in enumerate(names) if n in self.return_stages]
+        _, kept = self._run_stages(tokens, max(wanted), wanted)
+        return [reroll(kept[i], self._levels_left(i), None) for i in wanted], keep_mask
+
+    def adjust_size(self, new_size: tuple[int, int]) -> None:
+        """Re-base the stored position table on another input size (bicubic with antialias, as the reference)."""
+        new_size = (int(new_size[0]), int(new_size[1]))
+        if new_size == self.size:
+            return
+        check_size(self.name, new_size)
+        with torch.no_grad():
+            if self.pos_embed_win is not None:
+                table = F.interpolate(
+                    self.pos_embed.float(), size=(new_size[0] // 16, new_size[1] // 16), mode="bicubic", antialias=True
+                ).to(self.pos_embed.dtype)
+            else:
+                new_grid = (new_size[0] // PATCH_STRIDE, new_size[1] // PATCH_STRIDE)
+                table = interpolate_grid(self.pos_embed, self.token_grid, new_grid, antialias=True)
+        self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        super().adjust_size(new_size)
+
+
+def check_size(name: str, size: Sequence[int]) -> None:
+    H, W = int(size[0]), int(size[1])
+    if H % TOTAL_STRIDE or W % TOTAL_STRIDE or H <= 0 or W <= 0:
+        raise ValueError(f"{name}: input size {H}x{W} is not a positive multiple of {TOTAL_STRIDE} on both sides")
+
+
+# (depths, embed_dim, num_heads, drop_path_rate) as the reference registers them
+_SIZES = {
+    "tiny": ((1, 2, 7, 2), 96, 1, 0.1),
+    "small": ((1, 2, 11, 2), 96, 1, 0.1),
+    "base": ((2, 3, 16, 3), 96, 1, 0.1),
+    "base_plus": ((2, 3, 16, 3), 112, 2, 0.1),
+    "large": ((2, 6, 36, 4), 144, 2, 0.2),
+    "huge": ((2, 6, 36, 4), 256, 4, 0.3),
+}
+
+
+def _register_family() -> None:
+    for size, (depths, dim, heads, dpr) in _SIZES.items():
+        for abswin, prefix in ((False, "hiera"), (True, "hiera_abswin")):
+            cfg = HieraConfig(depths=depths, embed_dim=dim, num_heads=heads, abs_win_pos_embed=abswin, drop_path_rate=dpr)
+            register_model(f"{prefix}_{size}", Hiera, cfg)
+
+
+_register_family()

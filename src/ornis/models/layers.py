@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -97,6 +98,13 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+def same_size(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """``a == b`` when that is known without a shape guard: under ``torch.export`` with a dynamic input size the
+    sizes are symbolic and this is False (the size-generic path is taken and the exported graph stays valid for
+    every size, the stored size included, where bicubic resizing to the same size is exact)."""
+    return statically_known_true(a[0] == b[0]) and statically_known_true(a[1] == b[1])
+
+
 def interpolate_grid(
     grid: torch.Tensor,
     old_hw: tuple[int, int],
@@ -109,7 +117,7 @@ def interpolate_grid(
     Interpolation runs in float32 (bicubic kernels are not implemented for half types on every device) and the
     result is cast back. ``antialias`` only matters when shrinking.
     """
-    if tuple(old_hw) == tuple(new_hw):
+    if same_size(old_hw, new_hw):
         return grid
     dim = grid.shape[-1]
     out = grid.float().reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2)

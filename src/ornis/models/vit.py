@@ -34,6 +34,7 @@ from ornis.models.layers import (
     interpolate_grid,
     make_norm,
     resample_patch_embed,
+    same_size,
 )
 from ornis.models.registry import register_model
 
@@ -152,7 +153,7 @@ class ViT(Encoder):
     # -- tokens ------------------------------------------------------------------------------------------------
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position embeddings for a patch grid; special-token rows (if stored) are kept as they are."""
-        if grid == self.grid_size:
+        if same_size(grid, self.grid_size):
             return self.pos_embedding
         prefix = self.num_special_tokens if self.pos_embed_special_tokens else 0
         table = interpolate_grid(self.pos_embedding[:, prefix:], self.grid_size, grid)
@@ -162,8 +163,17 @@ class ViT(Encoder):
         tokens = [t for t in (self.reg_tokens, self.class_token) if t is not None]
         return [t.expand(batch, -1, -1) for t in tokens]
 
-    def embed_tokens(self, x: torch.Tensor, patch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patchify, add position embeddings and prepend the special tokens: (B, S + h*w, D) and the grid (h, w)."""
+    def embed_tokens(
+        self,
+        x: torch.Tensor,
+        patch_size: int | None = None,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patchify, add position embeddings and prepend the special tokens: (B, S + h*w, D) and the grid (h, w).
+
+        ``mask`` (B, h*w) bool with ``mask_token`` (D,): masked patches' embeddings are replaced by the token before
+        the position embeddings are added (iBOT / DINOv2 masked-patch training)."""
         p = patch_size or self.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
@@ -172,6 +182,8 @@ class ViT(Encoder):
         x = F.conv2d(x, weight, self.conv_proj.bias, stride=p)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype).reshape(1, 1, -1), x)
         pos = self._pos_embed(grid)
         if not self.pos_embed_special_tokens:
             x = x + pos

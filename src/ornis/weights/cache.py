@@ -5,15 +5,23 @@ Settings (argument > environment variable > default):
 - mirror: ``ORNIS_BASE_URL`` replaces ``https://huggingface.co/birder-project/<name>/resolve/main`` (``{name}`` in it
   is filled in; without it the file name is appended);
 - offline: ``ORNIS_OFFLINE=1`` never touches the network.
+
+A file is used by name only if its sha256 is the manifest's: the check runs once, and a small
+``<file>.verified.json`` beside it records the size and mtime it was made at, so a 1 GB file is not re-hashed on
+every load (``verify_cached`` / ``ornis models verify`` re-hash regardless). A checkpoint that is not in the
+manifest's hash list loads only from an explicit local path.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from ornis.errors import WeightsNotFoundError
-from ornis.weights.manifest import PretrainedWeights, get_weights
+from ornis.errors import ChecksumError, WeightsNotFoundError
+from ornis.weights import download
+from ornis.weights.checkpoint import sha256_file
+from ornis.weights.manifest import MANIFEST, PretrainedWeights, get_weights
 
 
 def env_flag(name: str) -> bool:
@@ -40,6 +48,28 @@ def base_url_for(weights: PretrainedWeights, base_url: str | None = None) -> str
     return base.replace("{name}", weights.name) if "{name}" in base else base
 
 
+def is_cached(weights: PretrainedWeights, file_format: str = "pt", cache: str | os.PathLike | None = None) -> bool:
+    """Whether the file is in the cache (present; its checksum is checked when it is used)."""
+    return weights_path(weights, file_format, cache).is_file()
+
+
+def check_cached(path: Path, weights: PretrainedWeights, file_format: str = "pt", *, rehash: bool = False) -> None:
+    """Raise ChecksumError unless the cached ``path`` has the manifest's sha256 (trusting a still-valid verified
+    marker unless ``rehash``)."""
+    expected = weights.file(file_format).sha256
+    if not rehash and download.marker_matches(path, expected):
+        return
+    found = sha256_file(path)
+    if found != expected:
+        download.marker_path(path).unlink(missing_ok=True)
+        raise ChecksumError(
+            f"{path}: sha256 {found}, expected {expected} for {weights.name} ({file_format}); the cached file is not "
+            f"the published one. Delete it (or run `ornis models download {weights.name} --force`), or load the "
+            "file by its path if it is your own"
+        )
+    download.write_marker(path, expected)
+
+
 def resolve_weights(
     name: str,
     file_format: str = "pt",
@@ -49,19 +79,66 @@ def resolve_weights(
     base_url: str | None = None,
     progress: bool | None = None,
 ) -> Path:
-    """The local file of published weights ``name``, fetching it into the cache when it is missing."""
+    """The verified local file of published weights ``name``, fetching it into the cache when it is missing."""
     weights = get_weights(name)
+    expected = weights.file(file_format)
     path = weights_path(weights, file_format, cache)
     if path.is_file():
+        check_cached(path, weights, file_format)
         return path
     if offline is None:
         offline = env_flag("ORNIS_OFFLINE")
     url = weights.url(file_format, base_url_for(weights, base_url))
     if offline:
         raise WeightsNotFoundError(
-            f"{name}: {path} is not in the cache and offline mode is on; download {url} "
-            f"(sha256 {weights.file(file_format).sha256}) and put it at {path}"
+            f"{name}: {path} is not in the cache and offline mode is on (ORNIS_OFFLINE); download {url} "
+            f"(about {expected.size_mb:.1f} MB, sha256 {expected.sha256}) and put it at {path}"
         )
-    from ornis.weights import download
+    return download.fetch(url, path, expected, progress=progress)
 
-    return download.fetch(url, path, weights.file(file_format), progress=progress)
+
+def download_weights(
+    name: str,
+    file_format: str = "pt",
+    *,
+    cache: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    progress: bool | None = None,
+    force: bool = False,
+) -> Path:
+    """Fetch published weights into the cache (``force``: drop a cached copy first, e.g. one that fails its
+    checksum). Respects ``ORNIS_OFFLINE``."""
+    weights = get_weights(name)
+    path = weights_path(weights, file_format, cache)
+    if force:
+        with download.file_lock(download.lock_path(path)):
+            path.unlink(missing_ok=True)
+            download.marker_path(path).unlink(missing_ok=True)
+    return resolve_weights(name, file_format, cache=cache, base_url=base_url, progress=progress)
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    name: str
+    file_format: str
+    path: Path
+    ok: bool
+    message: str
+
+
+def verify_cached(names: list[str] | None = None, *, cache: str | os.PathLike | None = None) -> list[CachedFile]:
+    """Re-hash the cached files of ``names`` (default: all published weights) against the manifest. Files that are
+    not cached are skipped; a bad file is reported, not deleted."""
+    results = []
+    for name in names or sorted(MANIFEST):
+        weights = get_weights(name)
+        for f in weights.files:
+            path = weights_path(weights, f.format, cache)
+            if not path.is_file():
+                continue
+            try:
+                check_cached(path, weights, f.format, rehash=True)
+                results.append(CachedFile(name, f.format, path, True, f"sha256 {f.sha256} ok"))
+            except ChecksumError as e:
+                results.append(CachedFile(name, f.format, path, False, str(e)))
+    return results

@@ -1,0 +1,107 @@
+"""How the teacher's prototype scores become targets: Sinkhorn-Knopp, or softmax with an EMA centre; and the
+teacher temperature schedule.
+
+Both centrings keep the teacher from collapsing onto a few prototypes. Both work over the global batch (every
+rank's rows), so the targets do not depend on how a batch is split over processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ornis.train.dino_v2.dist import all_reduce_max, all_reduce_sum
+
+
+def _global_logsumexp_over_rows(log_q: torch.Tensor) -> torch.Tensor:
+    """log of the column sums of exp(log_q) over the rows of every rank, (1, K); stable for any magnitude."""
+    peak = all_reduce_max(log_q.amax(dim=0, keepdim=True).clone())
+    total = all_reduce_sum((log_q - peak).exp().sum(dim=0, keepdim=True))
+    return peak + total.log()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor, teacher_temp: float, iterations: int = 3, extra_logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sinkhorn-Knopp targets (SwAV, Caron et al., 2020; DINOv2's ``sinkhorn_knopp_teacher``), (N, K) -> (N, K).
+
+    Alternately gives every prototype the same total mass over the global batch and makes every row a
+    distribution; the result's rows sum to 1. Run in the log domain in float32: the same numbers as the usual
+    ``exp(logits / temp)`` form, which overflows once ``logits / temp`` passes ~88 (a trained head at temperature
+    0.04 gets there) and divides 0 by 0 when a prototype's scores all underflow, as happens at small batches.
+
+    ``extra_logits`` (e.g. a queue of earlier teacher outputs, rows of this rank only) join the balancing but are
+    not returned: with a small batch the prototype-balancing constraint is then spread over more rows.
+    """
+    if iterations < 1:
+        raise ValueError(f"Sinkhorn-Knopp needs at least 1 iteration, got {iterations}")
+    rows = teacher_logits.shape[0]
+    logits = teacher_logits if extra_logits is None else torch.cat([teacher_logits, extra_logits.to(teacher_logits)])
+    log_q = logits.float() / teacher_temp
+    for _ in range(iterations):
+        log_q = log_q - _global_logsumexp_over_rows(log_q)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+    return log_q[:rows].exp()
+
+
+class SoftmaxCentering(nn.Module):
+    """DINO's centring: ``softmax((logits - centre) / temp)``, the centre an EMA of the global batch mean of the
+    teacher's logits (updated after the targets are computed, so a step's targets use the previous centre)."""
+
+    def __init__(self, dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def forward(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        logits = teacher_logits.float()
+        probs = torch.softmax((logits - self.center) / teacher_temp, dim=-1)
+        self.update(logits)
+        return probs
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        # Sum and count over every rank: the exact global mean even when ranks hold different numbers of rows
+        # (the masked patches of iBOT), and no update from an empty step
+        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_full((1,), teacher_logits.shape[0]).float()])
+        all_reduce_sum(stats)
+        count = float(stats[-1])
+        if count == 0:
+            return
+        mean = (stats[:-1] / count).unsqueeze(0)
+        self.center.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
+
+
+class LogitQueue(nn.Module):
+    """A FIFO of this rank's most recent teacher logits, for Sinkhorn-Knopp at small batches (Birder's
+    ``SinkhornQueue`` idea). Empty until it has been filled once, so early steps balance over the batch alone."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("rows", torch.zeros(size, dim))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("full", torch.zeros((), dtype=torch.bool))
+
+    def contents(self) -> torch.Tensor | None:
+        return self.rows if bool(self.full) else None
+
+    @torch.no_grad()
+    def push(self, logits: torch.Tensor) -> None:
+        logits = logits.detach().to(self.rows.dtype)[-self.size :]
+        n = logits.shape[0]
+        start = int(self.pointer)
+        index = (torch.arange(n, device=self.rows.device) + start) % self.size
+        self.rows[index] = logits
+        self.full |= start + n >= self.size
+        self.pointer.fill_((start + n) % self.size)
+
+
+def teacher_temperature(step: int, warmup_steps: int, warmup_temp: float = 0.04, temp: float = 0.07) -> float:
+    """DINO's teacher temperature: linear from ``warmup_temp`` to ``temp`` over ``warmup_steps``, then ``temp``.
+    A low temperature early sharpens the targets while the prototypes are still random."""
+    if step >= warmup_steps or warmup_steps <= 0:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * step / warmup_steps

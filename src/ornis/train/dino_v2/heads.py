@@ -1,0 +1,63 @@
+"""The DINO projection head: an MLP to a bottleneck, L2 normalisation, and a weight-normalised linear layer to K
+prototype scores (DINO, Caron et al., 2021; the same head in DINOv2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PrototypeLayer(nn.Module):
+    """Bias-free linear layer with weight normalisation (``W = g * v / ||v||`` per prototype), g starting at 1.
+
+    Written out rather than through ``nn.utils.parametrizations`` so the teacher's EMA, deep copies and
+    checkpoints see two plain parameters. ``frozen=True`` lets no gradient reach it: DINO keeps the prototypes
+    fixed for the first steps, while the rest of the network is still random (it is ``0 *`` the gradient, not
+    ``None``, so DDP still sees every parameter used).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        w = self.weight()
+        if frozen:
+            w = w.detach() + 0.0 * w
+        return F.linear(x, w)
+
+
+class DINOHead(nn.Module):
+    """MLP (``num_layers`` linear layers with GELU between, the last to ``bottleneck_dim``), L2 normalisation,
+    then prototype scores. ``forward`` returns (N, out_dim) logits."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, num_layers: int = 3
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"a DINO head needs at least 1 layer, got {num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = PrototypeLayer(bottleneck_dim, out_dim)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
+        x = self.mlp(x)
+        # A larger eps in half precision: 1e-12 underflows to 0 there
+        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(x, frozen=freeze_last_layer)

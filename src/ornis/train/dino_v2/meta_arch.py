@@ -1,0 +1,114 @@
+"""DINOv2's student and EMA teacher: the same network (backbone + DINO head, optionally a separate iBOT head, and
+the mask token), the teacher a frozen copy that follows the student by an exponential moving average."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ornis.train.dino_v2.backbones import encode, mask_token_dim
+from ornis.train.dino_v2.heads import DINOHead
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    out_dim: int = 65536  # prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    separate_ibot_head: bool = False  # DINOv2 default: one head scores class and patch tokens
+
+
+@dataclass
+class ViewOutputs:
+    """What one network says about a step's views."""
+
+    global_embedding: torch.Tensor  # (G*B, D): backbone embedding of the global views (KoLeo's input)
+    global_logits: torch.Tensor  # (G*B, K)
+    local_logits: torch.Tensor | None  # (N*B, K), None when the local views were not given (the teacher)
+    masked_patch_logits: torch.Tensor  # (M, K): the M masked patches, in mask.nonzero() order
+
+
+class SelfDistillationNet(nn.Module):
+    """Backbone + heads + mask token. The student runs it on masked global views and the local views; the teacher
+    (a copy) on the unmasked global views only, scoring the patches the student had masked."""
+
+    def __init__(self, backbone: nn.Module, heads: HeadConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        dim = backbone.embedding_size
+
+        def head() -> DINOHead:
+            return DINOHead(dim, heads.out_dim, heads.hidden_dim, heads.bottleneck_dim, heads.num_layers)
+
+        self.dino_head = head()
+        self.ibot_head = head() if heads.separate_ibot_head else None
+        # The token that replaces masked patches; it lives here, not in the backbone, so the backbone's state dict
+        # stays the published architecture's
+        self.mask_token = nn.Parameter(torch.zeros(mask_token_dim(backbone)))
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None,
+        masks: torch.Tensor,
+        patch_size: int | None = None,
+        mask_input: bool = True,
+        freeze_last_layer: bool = False,
+    ) -> ViewOutputs:
+        """``masks`` (G*B, h*w) bool picks the patches iBOT scores; ``mask_input`` also hides them from the backbone
+        (the student) instead of only selecting them afterwards (the teacher)."""
+        hidden = masks if mask_input else None
+        global_embedding, patch_tokens = encode(self.backbone, global_crops, hidden, self.mask_token, patch_size)
+        masked_patches = patch_tokens[masks]
+        local_embedding = None
+        if local_crops is not None and local_crops.numel():
+            local_embedding, _ = encode(self.backbone, local_crops, patch_size=patch_size)
+
+        # One head call for every class token (and the patches, when the head is shared): fewer, larger matmuls
+        rows = [global_embedding] + ([local_embedding] if local_embedding is not None else [])
+        if self.ibot_head is None:
+            rows.append(masked_patches)
+        logits = self.dino_head(torch.cat(rows), freeze_last_layer=freeze_last_layer)
+        sizes = [r.shape[0] for r in rows]
+        parts = list(torch.split(logits, sizes))
+        global_logits = parts.pop(0)
+        local_logits = parts.pop(0) if local_embedding is not None else None
+        if self.ibot_head is None:
+            patch_logits = parts.pop(0)
+        else:
+            patch_logits = self.ibot_head(masked_patches, freeze_last_layer=freeze_last_layer)
+        return ViewOutputs(global_embedding, global_logits, local_logits, patch_logits)
+
+
+def make_teacher(student: SelfDistillationNet) -> SelfDistillationNet:
+    """A frozen copy of the student, in eval mode (no drop-path), to be updated only by ``ema_update``."""
+    teacher = copy.deepcopy(student)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter; buffers are copied."""
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
+    for t, s in zip(t_params, s_params):
+        t.lerp_(s, 1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def teacher_momentum(step: int, total_steps: int, base: float = 0.992, final: float = 1.0) -> float:
+    """DINO's EMA momentum: half a cosine from ``base`` at step 0 to ``final`` at the last step."""
+    if total_steps <= 1:
+        return base
+    progress = min(1.0, step / (total_steps - 1))
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2

@@ -1,0 +1,132 @@
+"""DINOv2's views of an image: two global crops and N local crops (multi-crop, Caron et al., 2020), and the
+iBOT block masks laid over the global crops' patch grids."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from ornis.data.transforms import DEFAULT_RGB_STATS
+
+
+def _photometric(blur_p: float, solarize_p: float) -> list[Any]:
+    # DINOv2's augmentations: colour jitter, grayscale, Gaussian blur, solarisation (second global view only)
+    out: list[Any] = [
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if blur_p > 0:
+        out.append(v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        out.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    return out
+
+
+@dataclass(frozen=True)
+class MultiCropConfig:
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+
+
+class MultiCropTransform:
+    """PIL image -> ``{"global_crops": [2 x (3, G, G)], "local_crops": [N x (3, L, L)]}``, normalised.
+
+    Draws from torch's global RNG: the data pipeline seeds it per sample to make runs repeatable.
+    """
+
+    def __init__(self, config: MultiCropConfig, rgb_stats: Mapping[str, Sequence[float]] | None = None) -> None:
+        stats = rgb_stats or DEFAULT_RGB_STATS
+        self.config = config
+        finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(stats["mean"]), std=list(stats["std"]))]
+        bicubic = v2.InterpolationMode.BICUBIC
+
+        def crop(size: int, scale: tuple[float, float]) -> Any:
+            return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
+
+        g, s = config.global_size, config.global_scale
+        self.global_views = [
+            v2.Compose([v2.PILToTensor(), crop(g, s), *_photometric(1.0, 0.0), *finish]),
+            v2.Compose([v2.PILToTensor(), crop(g, s), *_photometric(0.1, 0.2), *finish]),
+        ]
+        self.local_view = v2.Compose(
+            [v2.PILToTensor(), crop(config.local_size, config.local_scale), *_photometric(0.5, 0.0), *finish]
+        )
+
+    def __call__(self, image: Any) -> dict[str, list[torch.Tensor]]:
+        image = image.convert("RGB") if hasattr(image, "convert") else image
+        return {
+            "global_crops": [view(image) for view in self.global_views],
+            "local_crops": [self.local_view(image) for _ in range(self.config.local_crops)],
+        }
+
+
+def collate_views(samples: Sequence[Mapping[str, list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Stack views view-major, as DINOv2 does: ``global_crops`` is (2B, 3, G, G) with rows [view 0 of every sample,
+    view 1 of every sample]; ``local_crops`` is (N*B, 3, L, L) likewise."""
+    out = {}
+    for key in ("global_crops", "local_crops"):
+        views = len(samples[0][key])
+        out[key] = torch.stack([s[key][v] for v in range(views) for s in samples]) if views else torch.empty(0)
+    return out
+
+
+def block_mask(grid: tuple[int, int], num_masked: int, rng: random.Random, min_block: int = 4, max_aspect: float = 3.3) -> torch.Tensor:
+    """A (h, w) bool mask of about ``num_masked`` patches made of random rectangles (BEiT / iBOT block masking).
+
+    Rectangles of area in [min_block, what is left] and aspect ratio log-uniform in [1/max_aspect, max_aspect]
+    are dropped until the budget is met; a rectangle that would overshoot is redrawn, and after 10 misses in a
+    row the mask is returned as it is (so it may hold a few patches fewer than asked).
+    """
+    h, w = grid
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    budget = min(num_masked, h * w)
+    masked = 0
+    misses = 0
+    while masked < budget and misses < 10:
+        left = budget - masked
+        area = rng.uniform(min(min_block, left), left)
+        aspect = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))
+        bh = max(1, min(h, round(math.sqrt(area * aspect))))
+        bw = max(1, min(w, round(math.sqrt(area / aspect))))
+        top = rng.randint(0, h - bh)
+        lft = rng.randint(0, w - bw)
+        block = mask[top : top + bh, lft : lft + bw]
+        new = int((~block).sum())
+        if 0 < new <= left:
+            block.fill_(True)
+            masked += new
+            misses = 0
+        else:
+            misses += 1
+    return mask
+
+
+def view_mask(
+    grid: tuple[int, int],
+    rng: random.Random,
+    probability: float = 0.5,
+    ratio_range: tuple[float, float] = (0.1, 0.5),
+) -> torch.Tensor:
+    """The iBOT mask of one global view, flattened to (h*w,): with ``probability`` a block mask covering a ratio
+    drawn uniformly from ``ratio_range`` of the grid, else nothing (DINOv2 masks half the global views, 10-50%)."""
+    h, w = grid
+    if rng.random() >= probability:
+        return torch.zeros(h * w, dtype=torch.bool)
+    ratio = rng.uniform(*ratio_range)
+    return block_mask(grid, int(h * w * ratio), rng, max_aspect=3.3).flatten()
+
+
+def mask_rng(seed: int, step: int, sample_id: int, view: int) -> random.Random:
+    """A generator for one view's mask that depends only on (seed, step, sample, view): the same image gets the
+    same mask whatever the number of processes or the position in the batch, and a resumed run repeats it."""
+    return random.Random(f"ibot:{seed}:{step}:{sample_id}:{view}")

@@ -1,0 +1,143 @@
+"""Supervised classification: fine-tune a released checkpoint on new classes, or train an architecture from
+scratch, with the standard augmentations, and measure top-1 / top-5 on a validation folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ornis.models.base import Encoder
+from ornis.train.data import MixupCutmix, SampleDataset, eval_transform, open_source, train_transform
+from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
+from ornis.weights.checkpoint import Checkpoint
+
+log = logging.getLogger("ornis.train")
+
+
+class ClassifyRecipe(Recipe):
+    """Cross-entropy on the encoder's logits, with mixup / cutmix and label smoothing (soft targets)."""
+
+    name = "classify"
+
+    def __init__(self, net: Encoder, class_to_idx: dict[str, int], rgb_stats: dict[str, Any],
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, label_smoothing: float = 0.0) -> None:
+        if net.num_classes != len(class_to_idx):
+            raise ValueError(f"the network has {net.num_classes} outputs but there are {len(class_to_idx)} classes")
+        self.model = net
+        self.class_to_idx = dict(class_to_idx)
+        self.rgb_stats = rgb_stats
+        self.mix = MixupCutmix(len(class_to_idx), mixup_alpha, cutmix_alpha, label_smoothing)
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = batch
+        if (labels < 0).any():
+            raise ValueError("classification needs labelled data; found samples with no label (-1)")
+        if self.mix.active or self.mix.label_smoothing:
+            images, targets = self.mix(images, labels)
+            logits = model(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        return loss, {}
+
+    def export_checkpoint(self) -> Checkpoint:
+        return encoder_checkpoint(self.model, self.class_to_idx, self.rgb_stats)
+
+
+@torch.no_grad()
+def evaluate_topk(net: nn.Module, dataset: SampleDataset, batch_size: int = 64, device: str | torch.device = "cpu",
+                  ks: Sequence[int] = (1, 5), bf16: bool = False) -> dict[str, float]:
+    """Top-k accuracy (in [0, 1]) of ``net`` over ``dataset`` (plain-index ``SampleDataset``); k above the number
+    of classes counts as the number of classes."""
+    was_training = net.training
+    net.eval()
+    device = torch.device(device)
+    correct = {k: 0 for k in ks}
+    total = 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(images).float()
+        top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+        for k in ks:
+            correct[k] += int((top[:, :k] == labels[:, None]).any(dim=1).sum())
+        total += labels.shape[0]
+    net.train(was_training)
+    return {f"top{k}": correct[k] / max(total, 1) for k in ks}
+
+
+@dataclass
+class ClassifyOptions:
+    """What ``train_classifier`` builds; the loop's settings are a separate ``TrainConfig``."""
+
+    train: str | os.PathLike | list[str]  # a folder of <class>/<image>, a .tar shard, a folder of shards
+    val: str | os.PathLike | None = None
+    weights: str | os.PathLike | None = None  # a published name or a checkpoint path to fine-tune from
+    arch: str | None = None  # or an architecture to train from scratch
+    size: int | None = None  # default: the checkpoint's / the architecture's
+    model_config: dict[str, Any] | None = None  # architecture overrides (from scratch), e.g. {"drop_path_rate": 0.1}
+    auto_augment: str | None = "randaugment"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.1
+    val_batch_size: int = 64
+
+
+def build_classifier(opts: ClassifyOptions, class_to_idx: dict[str, int]) -> tuple[Encoder, dict[str, Any], int]:
+    """The network to train (head sized for ``class_to_idx``), its rgb stats and its input size."""
+    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.loading import load_pretrained_model
+    from ornis.models.registry import build_model
+
+    num_classes = len(class_to_idx)
+    if (opts.weights is None) == (opts.arch is None):
+        raise ValueError("give exactly one of weights (fine-tune a checkpoint) or arch (train from scratch)")
+    if opts.weights is not None:
+        net, info = load_pretrained_model(opts.weights)
+        if net.num_classes != num_classes or info.class_to_idx != class_to_idx:
+            net.reset_classifier(num_classes)
+            if isinstance(net.classifier, nn.Linear):  # a new head starts at zero, as the reference's does
+                nn.init.zeros_(net.classifier.weight)
+                nn.init.zeros_(net.classifier.bias)
+        rgb_stats = info.rgb_stats or DEFAULT_RGB_STATS
+    else:
+        net = build_model(str(opts.arch), num_classes=num_classes, size=opts.size, config=opts.model_config)
+        rgb_stats = DEFAULT_RGB_STATS
+    if opts.size is not None and net.size != (opts.size, opts.size):
+        net.adjust_size((opts.size, opts.size))
+    return net, dict(rgb_stats), net.size[0]
+
+
+def train_classifier(opts: ClassifyOptions, cfg: TrainConfig) -> tuple[TrainResult, dict[str, float] | None]:
+    """Fine-tune (``opts.weights``) or train from scratch (``opts.arch``); returns the run's result and the
+    top-1 / top-5 on ``opts.val`` of the final model (None without a validation set)."""
+    train_source = open_source(opts.train, labelled=True)
+    class_to_idx = train_source.class_to_idx
+    net, rgb_stats, size = build_classifier(opts, class_to_idx)
+    transform = train_transform(size, rgb_stats, scale=opts.crop_scale, auto_augment=opts.auto_augment)
+    recipe = ClassifyRecipe(net, class_to_idx, rgb_stats, opts.mixup_alpha, opts.cutmix_alpha, opts.label_smoothing)
+    result = run(recipe, SampleDataset(train_source, transform), cfg)
+    metrics = None
+    if opts.val is not None:
+        val_source = open_source(opts.val, labelled=True, class_to_idx=class_to_idx)
+        device = next(net.parameters()).device
+        metrics = evaluate_topk(net, SampleDataset(val_source, eval_transform(size, rgb_stats)), opts.val_batch_size,
+                                device, bf16=cfg.bf16)
+        log.info("validation: top-1 %.4f top-5 %.4f", metrics["top1"], metrics["top5"])
+        if cfg.output_dir is not None:
+            import json
+
+            (Path(cfg.output_dir) / "val_metrics.json").write_text(json.dumps(metrics))
+    return result, metrics

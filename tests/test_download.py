@@ -1,0 +1,307 @@
+"""Downloads of published weights, against a loopback HTTP server: clean, resumed, corrupt, concurrent, offline,
+mirrored; and the rule that by-name loading only accepts files whose sha256 is in the manifest."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+import ornis
+from ornis.errors import ChecksumError, WeightsNotFoundError
+from ornis.weights import cache, download, manifest
+from ornis.weights.checkpoint import sha256_file
+from ornis.weights.manifest import PretrainedWeights, WeightsFile
+
+NAME = "vit_reg4_t16_ls_test-weights"
+NETWORK = "vit_reg4_t16_ls"
+SMALL = {"num_layers": 2}  # a ~4 MB checkpoint: many chunks, quick to serve
+
+
+class WeightsServer(ThreadingHTTPServer):
+    """Serves ``files`` (URL path -> bytes) with Range support; can cut the connection after ``cut_after`` bytes
+    (once), ignore Range headers, corrupt the body, and slow down; counts bytes sent and records requests."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.cut_after: int | None = None
+        self.ignore_range = False
+        self.corrupt = False
+        self.delay_per_chunk = 0.0
+        self.bytes_sent = 0
+        self.requests: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: WeightsServer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        rng = self.headers.get("Range")
+        with srv.lock:
+            srv.requests.append((self.path, rng))
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        if srv.corrupt:
+            data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+        start = 0
+        if rng and not srv.ignore_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        limit = len(body)
+        with srv.lock:
+            if srv.cut_after is not None:
+                limit, srv.cut_after = min(limit, srv.cut_after), None
+        sent = 0
+        try:
+            while sent < limit:
+                chunk = body[sent : min(sent + 65536, limit)]
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                with srv.lock:
+                    srv.bytes_sent += len(chunk)
+                if srv.delay_per_chunk:
+                    time.sleep(srv.delay_per_chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        if limit < len(body):
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    torch.manual_seed(0)
+    net = ornis.build_model(NETWORK, size=32, num_classes=3, config=SMALL)
+    path = tmp_path_factory.mktemp("ckpt") / "w.pt"
+    ornis.save_model(net, path, config=SMALL)
+    return path.read_bytes()
+
+
+@pytest.fixture()
+def server(checkpoint_bytes: bytes):
+    srv = WeightsServer()
+    srv.files[f"/primary/{NAME}.pt"] = checkpoint_bytes
+    srv.files[f"/mirror/{NAME}/{NAME}.pt"] = checkpoint_bytes
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture()
+def entry(server: WeightsServer, checkpoint_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A manifest entry for the test checkpoint, served by ``server``; a fresh cache; network allowed."""
+    import hashlib
+
+    weights = PretrainedWeights(
+        name=NAME,
+        network=NETWORK,
+        tag="test-weights",
+        resolution=(32, 32),
+        task="image_classification",
+        description="random weights for tests",
+        files=(WeightsFile("pt", len(checkpoint_bytes) / 1e6, hashlib.sha256(checkpoint_bytes).hexdigest()),),
+        num_classes=3,
+        base_url=f"{server.url}/primary",
+    )
+    monkeypatch.setitem(manifest.MANIFEST, NAME, weights)
+    monkeypatch.setenv("ORNIS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ORNIS_OFFLINE", "0")
+    monkeypatch.delenv("ORNIS_BASE_URL", raising=False)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(download, "CHUNK_BYTES", 65536)
+    return weights
+
+
+def cache_files(tmp_path: Path) -> list[str]:
+    root = tmp_path / "cache" / "weights"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_clean_download_then_load(entry, server, checkpoint_bytes, tmp_path):
+    net, info = ornis.load_pretrained_model(NAME, progress_bar=False)
+    path = tmp_path / "cache" / "weights" / f"{NAME}.pt"
+    assert info.path == path
+    assert sha256_file(path) == entry.files[0].sha256
+    assert server.bytes_sent == len(checkpoint_bytes)
+    assert [r for r in server.requests] == [(f"/primary/{NAME}.pt", None)]
+    assert cache_files(tmp_path) == [f"{NAME}.pt", f"{NAME}.pt.verified.json"]
+    assert net.name == NETWORK and net.num_classes == 3
+    # A second load uses the cache: nothing more is fetched
+    ornis.load_pretrained_model(NAME)
+    assert len(server.requests) == 1
+
+
+def test_interrupted_download_resumes_with_range(entry, server, checkpoint_bytes, tmp_path):
+    size = len(checkpoint_bytes)
+    server.cut_after = size // 2
+    path = ornis.weights.cache.resolve_weights(NAME, progress=False)
+    assert sha256_file(path) == entry.files[0].sha256
+    assert len(server.requests) == 2
+    first, second = server.requests
+    assert first[1] is None
+    resumed_from = int(second[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_from <= size // 2
+    second_bytes = server.bytes_sent - size // 2
+    assert second_bytes == size - resumed_from < size
+    assert cache_files(tmp_path) == [f"{NAME}.pt", f"{NAME}.pt.verified.json"]
+
+
+def test_partial_file_from_an_earlier_run_is_resumed(entry, server, checkpoint_bytes, tmp_path):
+    part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(checkpoint_bytes[:300_000])
+    cache.resolve_weights(NAME, progress=False)
+    assert server.requests == [(f"/primary/{NAME}.pt", "bytes=300000-")]
+    assert server.bytes_sent == len(checkpoint_bytes) - 300_000
+
+
+def test_server_that_ignores_range_restarts_cleanly(entry, server, checkpoint_bytes, tmp_path):
+    part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * 1000)  # garbage that a 200 answer must overwrite, not extend
+    server.ignore_range = True
+    path = cache.resolve_weights(NAME, progress=False)
+    assert server.requests[0][1] == "bytes=1000-"
+    assert path.read_bytes() == checkpoint_bytes
+
+
+def test_corrupt_download_raises_and_leaves_nothing(entry, server, tmp_path):
+    server.corrupt = True
+    with pytest.raises(ChecksumError, match=entry.files[0].sha256):
+        ornis.load_pretrained_model(NAME, progress_bar=False)
+    assert cache_files(tmp_path) == []
+
+
+def _download_in_child(cache_root: str, url: str, sha: str, size_mb: float) -> None:
+    download.fetch(url, Path(cache_root) / f"{NAME}.pt", WeightsFile("pt", size_mb, sha), progress=False)
+
+
+def test_two_processes_download_once(entry, server, checkpoint_bytes, tmp_path):
+    server.delay_per_chunk = 0.02  # long enough that the second process arrives while the first is busy
+    root = tmp_path / "cache" / "weights"
+    f = entry.files[0]
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_download_in_child, args=(str(root), entry.url(), f.sha256, f.size_mb)) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert server.bytes_sent == len(checkpoint_bytes)  # one download; the other process waited and reused it
+    assert len(server.requests) == 1
+    assert sha256_file(root / f"{NAME}.pt") == f.sha256
+    assert cache_files(tmp_path) == [f"{NAME}.pt", f"{NAME}.pt.verified.json"]
+
+
+def test_offline_error_says_what_to_put_where(entry, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORNIS_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as e:
+        ornis.load_pretrained_model(NAME)
+    msg = str(e.value)
+    assert f"{server.url}/primary/{NAME}.pt" in msg
+    assert str(tmp_path / "cache" / "weights" / f"{NAME}.pt") in msg
+    assert entry.files[0].sha256 in msg
+    assert server.requests == []
+
+
+def test_unreachable_server_retries_then_explains(entry, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(download, "RETRIES", 2)
+    url = f"http://127.0.0.1:{port}/w"
+    t0 = time.monotonic()
+    with pytest.raises(WeightsNotFoundError, match="gave up after 3 attempts") as e:
+        cache.resolve_weights(NAME, base_url=url, progress=False)
+    assert time.monotonic() - t0 < 5
+    assert f"{url}/{NAME}.pt" in str(e.value)
+    assert str(tmp_path / "cache" / "weights" / f"{NAME}.pt") in str(e.value)
+
+
+def test_missing_file_is_not_retried(entry, server, tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="HTTP 404"):
+        cache.resolve_weights(NAME, base_url=f"{server.url}/nowhere", progress=False)
+    assert len(server.requests) == 1
+
+
+def test_mirror_from_environment(entry, server, checkpoint_bytes, monkeypatch):
+    monkeypatch.setenv("ORNIS_BASE_URL", f"{server.url}/mirror/{{name}}")
+    cache.resolve_weights(NAME, progress=False)
+    assert server.requests == [(f"/mirror/{NAME}/{NAME}.pt", None)]
+
+
+def test_cached_file_not_in_manifest_loads_only_by_path(entry, server, tmp_path):
+    path = cache.resolve_weights(NAME, progress=False)
+    # Swap in other weights (a valid checkpoint, but not the published bytes)
+    torch.manual_seed(1)
+    ornis.save_model(ornis.build_model(NETWORK, size=32, num_classes=3, config=SMALL), path, config=SMALL)
+    with pytest.raises(ChecksumError, match="expected " + entry.files[0].sha256):
+        ornis.load_pretrained_model(NAME)
+    net, info = ornis.load_pretrained_model(path)  # the explicit path is the user's choice
+    assert info.path == path
+    results = cache.verify_cached([NAME])
+    assert [(r.name, r.ok) for r in results] == [(NAME, False)]
+
+
+def test_verified_marker_skips_rehash_until_file_changes(entry, server, monkeypatch):
+    path = cache.resolve_weights(NAME, progress=False)
+    calls = []
+    monkeypatch.setattr(cache, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    cache.resolve_weights(NAME)
+    assert calls == []
+    path.touch()  # mtime changes: the marker no longer vouches for the file
+    import os
+
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    cache.resolve_weights(NAME)
+    assert calls == [path]
+
+
+def test_progress_bar_on_stderr_when_asked():
+    stream = io.StringIO()
+    bar = download.ProgressBar("w.pt", total=2_000_000, stream=stream)
+    bar.update(1_000_000)
+    bar.close()
+    text = stream.getvalue()
+    assert "w.pt" in text and " 50%" in text and "2.0 MB" in text
+    assert download.progress_enabled(False) is False
