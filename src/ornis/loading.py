@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,7 +52,7 @@ def identify_network(ckpt: Checkpoint, path: Path | None, network: str | None = 
         if matches:
             return max(matches, key=len)
     matches = _match_by_shapes(ckpt)
-    if len(matches) == 1:
+    if len(matches) == 1 or (matches and _same_computation(matches)):
         return matches[0]
     hint = f"; candidates with these shapes: {', '.join(matches)}" if matches else ""
     raise CheckpointFormatError(
@@ -59,10 +60,22 @@ def identify_network(ckpt: Checkpoint, path: Path | None, network: str | None = 
     )
 
 
+def _same_computation(names: list[str]) -> bool:
+    """True when the candidates differ only in training-time settings (e.g. a ViT and its FlexiViT twin)."""
+    training_only = {"flexi", "default_size", "min_patch_size", "max_patch_size", "drop_path_rate"}
+
+    def inference_fields(name: str) -> dict[str, Any]:
+        cfg = registry.get_model_spec(name).config
+        return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in training_only}
+
+    first = inference_fields(names[0])
+    return all(inference_fields(n) == first for n in names[1:])
+
+
 def _match_by_shapes(ckpt: Checkpoint) -> list[str]:
     shapes = {k: tuple(v.shape) for k, v in ckpt.state.items()}
     found = []
-    for name in registry.list_models():
+    for name in sorted(registry.list_models(), key=lambda n: (n.startswith("flexi"), n)):
         spec = registry.get_model_spec(name)
         try:
             with torch.device("meta"):

@@ -100,7 +100,7 @@ def decode_image(data: bytes | str | os.PathLike, options: DecodeOptions = Decod
             raise ImageDecodeError(source, f"decompression bomb ({e})") from None
         except OSError as e:
             text = _first_line(e)
-            kind = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
+            kind = "truncated" if "truncated" in text else "corrupt"
             raise ImageDecodeError(source, f"{kind} ({text})") from None
         except Exception as e:  # noqa: BLE001
             raise ImageDecodeError(source, f"corrupt ({type(e).__name__}: {_first_line(e)})") from None

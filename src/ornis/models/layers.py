@@ -102,7 +102,8 @@ def same_size(a: tuple[int, int], b: tuple[int, int]) -> bool:
     """``a == b`` when that is known without a shape guard: under ``torch.export`` with a dynamic input size the
     sizes are symbolic and this is False (the size-generic path is taken and the exported graph stays valid for
     every size, the stored size included, where bicubic resizing to the same size is exact)."""
-    return statically_known_true(a[0] == b[0]) and statically_known_true(a[1] == b[1])
+    equal = (a[0] == b[0], a[1] == b[1])  # tensors under torch.jit.trace, SymBools under torch.export
+    return all(statically_known_true(e) if isinstance(e, (bool, torch.SymBool)) else bool(e) for e in equal)
 
 
 def interpolate_grid(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,9 +24,8 @@ class HeadConfig:
     separate_ibot_head: bool = False  # DINOv2 default: one head scores class and patch tokens
 
 
-@dataclass
-class ViewOutputs:
-    """What one network says about a step's views."""
+class ViewOutputs(NamedTuple):
+    """What one network says about a step's views (a named tuple: DDP and torch.compile look inside it)."""
 
     global_embedding: torch.Tensor  # (G*B, D): backbone embedding of the global views (KoLeo's input)
     global_logits: torch.Tensor  # (G*B, K)

@@ -126,7 +126,8 @@ def view_mask(
     return block_mask(grid, int(h * w * ratio), rng, max_aspect=3.3).flatten()
 
 
-def mask_rng(seed: int, step: int, sample_id: int, view: int) -> random.Random:
-    """A generator for one view's mask that depends only on (seed, step, sample, view): the same image gets the
-    same mask whatever the number of processes or the position in the batch, and a resumed run repeats it."""
-    return random.Random(f"ibot:{seed}:{step}:{sample_id}:{view}")
+def mask_rng(sample_seed: int, view: int) -> random.Random:
+    """The generator of one view's mask. ``sample_seed`` is drawn with the sample's crops (from the loop's
+    per-sample seed), so the same image gets the same mask whatever the number of processes or its position in
+    the batch, and a resumed run repeats it."""
+    return random.Random(f"ibot:{sample_seed}:{view}")

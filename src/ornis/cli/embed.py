@@ -1,0 +1,76 @@
+"""``ornis embed`` and ``ornis classify``: a collection of images in, Parquet parts out (``ornis.inference.batch``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+PRECISION_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def register(subparsers: Any) -> None:
+    for task in ("embed", "classify"):
+        what = "embeddings" if task == "embed" else "top-k labels and probabilities"
+        p = subparsers.add_parser(
+            task,
+            help=f"write {what} of many images to Parquet (resumable; torchrun / Ray for many GPUs)",
+            description=f"Write {what} of every image of INPUT to OUT/part-NNNNN.parquet. Running the same command "
+            "again resumes; under torchrun every rank takes shards.",
+        )
+        p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, glob patterns, .txt/.csv/.parquet file lists, webdataset .tar shards")
+        p.add_argument("-m", "--model", required=True, help="published weights name or checkpoint path")
+        p.add_argument("-o", "--out", required=True, help="output folder")
+        if task == "classify":
+            p.add_argument("-k", "--top-k", type=int, default=5, help="labels kept per image (default 5)")
+        else:
+            p.add_argument("--float16", action="store_true", help="store embeddings (and feature maps) as float16")
+        p.add_argument("--features", metavar="STAGE", help="also save this detection_features map as .npy per shard")
+        p.add_argument("--network", help="architecture of a checkpoint that does not say it")
+        p.add_argument("--batch-size", type=int, help="images per batch (default 256 on GPU, 32 on CPU)")
+        p.add_argument("--workers", type=int, help="decoding processes per device (default from the CPU count)")
+        p.add_argument("--shard-size", type=int, default=1000, help="loose files per shard (a .tar is one shard)")
+        p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when there is a GPU)")
+        p.add_argument("--precision", default="auto", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16")
+        p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+        p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: as infer_image)")
+        p.add_argument("--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)")
+        p.add_argument("--max-pixels", type=int, help="larger images are listed as decompression bombs")
+        p.add_argument("--retry-errors", action="store_true", help="re-try only the files that failed in earlier runs")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: on a terminal)")
+        p.add_argument("--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process")
+        p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+        p.add_argument("--ray-workers", type=int, help="Ray tasks (default: one per GPU, else 1)")
+        p.set_defaults(func=run, task=task)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ornis.inference.batch import make_job, run_batch
+
+    job = make_job(
+        args.inputs,
+        model=args.model,
+        out=args.out,
+        task=args.task,
+        top_k=getattr(args, "top_k", 5),
+        embedding_dtype="float16" if getattr(args, "float16", False) else "float32",
+        features=args.features,
+        network=args.network,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shard_size=args.shard_size,
+        device=args.device,
+        precision=PRECISION_ALIASES.get(args.precision, args.precision),
+        compile=args.compile,
+        exif_transpose=args.exif_transpose,
+        composite_alpha=args.composite_alpha,
+        max_pixels=args.max_pixels,
+        retry_errors=args.retry_errors,
+        progress=args.progress,
+    )
+    if args.ray:
+        from ornis.inference.ray_runner import run_with_ray
+
+        run_with_ray(job, address=args.ray_address, num_tasks=args.ray_workers)
+    else:
+        run_batch(job)  # the summary is logged by rank 0
+    return 0

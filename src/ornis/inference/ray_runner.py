@@ -1,0 +1,89 @@
+"""The batch runner on a Ray cluster (``pip install 'ornis[ray]'``).
+
+The driver prepares the output folder (plan, manifest) exactly as rank 0 of ``torchrun`` would; then each Ray task
+runs the same ``run_worker`` as a ``torchrun`` rank: it loads the model once and claims shards from the manifest
+until none is left, so Ray only places processes (one GPU each when the cluster has GPUs) and ornis keeps no
+scheduler of its own. Resume, ``retry_errors`` and the output are those of ``ornis.inference.batch``; the output
+folder must be on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ornis.errors import OrnisError
+from ornis.inference.batch import (
+    MANIFEST,
+    BatchJob,
+    BatchSummary,
+    WorkerStats,
+    finalize_output,
+    part_name,
+    prepare_output,
+    run_worker,
+)
+
+
+def _run_task(job: BatchJob, rank: int, world_size: int) -> WorkerStats:
+    return run_worker(job, rank=rank, world_size=world_size)
+
+
+def run_with_ray(
+    job: BatchJob,
+    *,
+    address: str | None = None,
+    num_tasks: int | None = None,
+    cpus_per_task: float | None = None,
+    init_kwargs: dict[str, Any] | None = None,
+) -> BatchSummary:
+    """Run ``job`` as ``num_tasks`` Ray tasks (default: one per GPU of the cluster, else one). Starts or joins a
+    local Ray instance unless Ray is already initialised or ``address`` names a cluster."""
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise OrnisError("the Ray path needs Ray: pip install 'ornis[ray]'") from None
+
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=address, **(init_kwargs or {}))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    tasks = num_tasks or max(1, gpus)
+    if cpus_per_task is None:
+        cpus_per_task = max(1.0, float(resources.get("CPU", 1)) // tasks)
+    skipped = prepare_output(job)
+    # Inside a task, DataLoader workers use the task's CPUs; the device is the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
+    workers = job.num_workers if job.num_workers is not None else max(0, int(cpus_per_task) - 1 if gpus else int(cpus_per_task) // 2)
+    task_job = replace(job, device=None if gpus else "cpu", progress=False, num_workers=workers)
+    remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=cpus_per_task, max_retries=0)(_run_task)
+    totals = WorkerStats()
+    for round_ in range(3):
+        if round_ > 0:
+            # A task that died (a lost node) leaves its claimed shards unfinished: a new claim attempt frees them
+            if not pending_shards(job):
+                break
+            prepare_output(job)
+        refs = [remote.remote(task_job, rank, tasks) for rank in range(tasks)]
+        finished, failed = [], []
+        for ref in refs:
+            try:
+                finished.append(ray.get(ref))
+            except ray.exceptions.RayError as e:
+                failed.append(e)
+        for stats in finished:
+            totals.add(stats)
+        if not failed:
+            break
+        if not finished:
+            raise OrnisError(f"every Ray task failed; the first: {failed[0]}")
+    return finalize_output(job, totals, skipped=skipped, world_size=tasks, started=started)
+
+
+def pending_shards(job: BatchJob) -> list[int]:
+    """Shards of a prepared output folder that have no part file yet."""
+    manifest = json.loads((Path(job.out) / MANIFEST).read_text())
+    return [s["id"] for s in manifest["shards"] if not (Path(job.out) / part_name(s["id"])).exists()]

@@ -1,0 +1,296 @@
+"""DINOv2 self-distillation (Oquab et al., 2023) as a recipe of the shared loop, its library entry point
+``train_dino_v2`` and the ``ornis train dino-v2`` arguments.
+
+Each step: two global and N local crops per image; the teacher (EMA of the student) scores the unmasked global
+crops, its class-token and masked-patch scores become targets by Sinkhorn-Knopp (or softmax centring) at the
+teacher temperature; the student sees masked global crops and the local crops and is trained on
+``dino_weight * DINO + ibot_weight * iBOT + koleo_weight * KoLeo``. FlexiViT backbones draw a patch size per step.
+The exported checkpoint is the teacher's backbone in the published format, as DINOv2 releases are.
+
+Everything random is a function of the run seed and the step or sample (crops: the sample's seed, masks: a seed
+drawn with the crops, patch size: the step), so a resumed run and a run split over processes repeat the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ornis.models.base import Encoder
+from ornis.train.data import SampleDataset, open_source
+from ornis.train.dino_v2.backbones import family_of, mask_grid
+from ornis.train.dino_v2.centering import LogitQueue, SoftmaxCentering, sinkhorn_knopp, teacher_temperature
+from ornis.train.dino_v2.losses import dino_loss, ibot_loss, koleo_loss
+from ornis.train.dino_v2.meta_arch import HeadConfig, SelfDistillationNet, ema_update, make_teacher, teacher_momentum
+from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform, collate_views, mask_rng, view_mask
+from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
+from ornis.weights.checkpoint import Checkpoint
+
+log = logging.getLogger("ornis.train")
+
+GLOBAL_VIEWS = 2
+
+
+@dataclass(frozen=True)
+class DinoV2Config:
+    """The method's settings (DINOv2's defaults; the loop's are in ``TrainConfig``)."""
+
+    heads: HeadConfig = field(default_factory=HeadConfig)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    sinkhorn_queue_size: int = 0  # rows of earlier teacher outputs joining Sinkhorn-Knopp (small batches); 0: none
+    center_momentum: float = 0.9  # softmax centring's EMA
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    koleo_eps: float = 1e-8
+    mask_probability: float = 0.5  # share of global views that get an iBOT mask
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # of the patch grid, drawn per masked view
+    momentum_teacher: float = 0.992  # rises to 1 along half a cosine over the run
+    freeze_last_layer_steps: int = 0  # the prototypes get no gradient for the first steps
+    patch_sizes: tuple[int, ...] | None = None  # FlexiViT: the sizes to draw from (default: all that fit the crops)
+
+
+class DinoV2Recipe(Recipe):
+    """Student (``model``, trained) and EMA teacher (recipe state) over one backbone."""
+
+    name = "dino-v2"
+
+    def __init__(
+        self,
+        backbone: Encoder,
+        config: DinoV2Config | None = None,
+        crops: MultiCropConfig | None = None,
+        rgb_stats: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        family_of(backbone)
+        if backbone.num_classes:
+            backbone.reset_classifier(0)  # the heads replace the classifier; the export carries none
+        self.config = config or DinoV2Config()
+        self.crops = crops or MultiCropConfig()
+        self.rgb_stats = rgb_stats
+        self.seed = seed
+        self.model = SelfDistillationNet(backbone, self.config.heads)
+        self.teacher = make_teacher(self.model)
+        out_dim = self.config.heads.out_dim
+        self.centering = nn.ModuleDict({"dino": SoftmaxCentering(out_dim, self.config.center_momentum),
+                                        "ibot": SoftmaxCentering(out_dim, self.config.center_momentum)})
+        size = self.config.sinkhorn_queue_size
+        self.queues = nn.ModuleDict({"dino": LogitQueue(size, out_dim), "ibot": LogitQueue(size, out_dim)}) if size else None
+        self.patch_sizes = self._patch_sizes(backbone)
+        self.total_steps = 1
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.backbone
+
+    def _patch_sizes(self, backbone: Encoder) -> list[int] | None:
+        """FlexiViT's patch sizes that tile both crop sizes; None for a fixed-patch backbone."""
+        if not getattr(backbone.config, "flexi", False):
+            return None
+        cfg = backbone.config
+        wanted = self.config.patch_sizes or range(cfg.min_patch_size, cfg.max_patch_size + 1)
+        sizes = [p for p in wanted if self.crops.global_size % p == 0 and self.crops.local_size % p == 0]
+        if not sizes:
+            raise ValueError(
+                f"no patch size in {list(wanted)} divides both the global ({self.crops.global_size}) and the local "
+                f"({self.crops.local_size}) crop size"
+            )
+        return sizes
+
+    def patch_size_at(self, step: int) -> int | None:
+        """The step's FlexiViT patch size: one draw per step from (seed, step), the same on every rank."""
+        if self.patch_sizes is None:
+            return None
+        return random.Random(f"patch:{self.seed}:{step}").choice(self.patch_sizes)
+
+    # -- the loop's hooks -------------------------------------------------------------------------------------
+    def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        for module in (self.model, self.teacher, self.centering, self.queues):
+            if module is not None:
+                module.to(device)
+        self.total_steps = cfg.steps
+
+    def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        views = [s[0] for s in samples]
+        batch = collate_views(views)
+        batch["mask_seeds"] = torch.tensor([v["mask_seed"] for v in views], dtype=torch.long)
+        return batch
+
+    def masks(self, mask_seeds: list[int], grid: tuple[int, int]) -> torch.Tensor:
+        """(G*B, h*w) bool, view-major like the global crops; each view's mask a function of its sample's seed."""
+        cfg = self.config
+        return torch.stack(
+            [
+                view_mask(grid, mask_rng(seed, v), cfg.mask_probability, cfg.mask_ratio)
+                for v in range(GLOBAL_VIEWS)
+                for seed in mask_seeds
+            ]
+        )
+
+    def _targets(self, kind: str, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.config.centering == "softmax":
+            return self.centering[kind](teacher_logits, temp)
+        queue = self.queues[kind] if self.queues is not None else None
+        extra = queue.contents() if queue is not None else None
+        probs = sinkhorn_knopp(teacher_logits, temp, self.config.sinkhorn_iterations, extra_logits=extra)
+        if queue is not None:
+            queue.push(teacher_logits.float())
+        return probs
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+        patch_size = self.patch_size_at(step)
+        grid = mask_grid(self.model.backbone, global_crops.shape[-2:], patch_size)
+        masks = self.masks(batch["mask_seeds"].tolist(), grid).to(global_crops.device)
+        num_masked = masks.sum(dim=1, keepdim=True).clamp_min(1)
+        patch_weights = (1.0 / num_masked).expand_as(masks)[masks]
+        temp = teacher_temperature(step, cfg.warmup_teacher_temp_steps, cfg.warmup_teacher_temp, cfg.teacher_temp)
+
+        with torch.no_grad():
+            teacher = self.teacher(global_crops, None, masks, patch_size, mask_input=False)
+            dino_targets = self._targets("dino", teacher.global_logits, temp)
+            ibot_targets = self._targets("ibot", teacher.masked_patch_logits, temp)
+
+        freeze = step < cfg.freeze_last_layer_steps
+        student = model(global_crops, local_crops, masks, patch_size, True, freeze)
+        student_views = list(student.global_logits.chunk(GLOBAL_VIEWS))
+        if student.local_logits is not None:
+            student_views += list(student.local_logits.chunk(self.crops.local_crops))
+        loss_dino = dino_loss(student_views, list(dino_targets.chunk(GLOBAL_VIEWS)), cfg.student_temp)
+        loss_ibot = ibot_loss(student.masked_patch_logits, ibot_targets, patch_weights, masks.shape[0], cfg.student_temp)
+        loss_koleo = sum(koleo_loss(e, cfg.koleo_eps) for e in student.global_embedding.chunk(GLOBAL_VIEWS))
+        loss = cfg.dino_weight * loss_dino + cfg.ibot_weight * loss_ibot + cfg.koleo_weight * loss_koleo
+        logs = {
+            "dino": float(loss_dino),
+            "ibot": float(loss_ibot),
+            "koleo": float(loss_koleo),
+            "teacher_temp": temp,
+            "masked_patches": float(masks.sum()),
+        }
+        if patch_size is not None:
+            logs["patch_size"] = float(patch_size)
+        return loss, logs
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.model, teacher_momentum(step, self.total_steps, self.config.momentum_teacher))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "teacher": _cpu(self.teacher.state_dict()),
+            "centering": _cpu(self.centering.state_dict()),
+        }
+        if self.queues is not None:
+            state["queues"] = _cpu(self.queues.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.centering.load_state_dict(state["centering"])
+        if self.queues is not None:
+            self.queues.load_state_dict(state["queues"])
+
+    def export_checkpoint(self) -> Checkpoint:
+        return encoder_checkpoint(self.teacher.backbone, {}, self.rgb_stats)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+class DinoV2Views(MultiCropTransform):
+    """The multi-crop views plus the seed of the sample's iBOT masks, drawn under the sample's seed like the crops."""
+
+    def __call__(self, image: Any) -> dict[str, Any]:
+        out: dict[str, Any] = super().__call__(image)
+        out["mask_seed"] = int(torch.randint(0, 2**62, ()))
+        return out
+
+
+# -- library entry point -------------------------------------------------------------------------------------------
+@dataclass
+class DinoV2Options:
+    """What ``train_dino_v2`` builds; the loop's settings are a separate ``TrainConfig``."""
+
+    data: str | os.PathLike | list[str]  # a folder of images (any layout, no labels), a .tar shard or a folder of them
+    weights: str | os.PathLike | None = None  # continue pretraining a published name or a checkpoint file
+    arch: str | None = None  # or an architecture from scratch
+    model_config: dict[str, Any] | None = None  # architecture overrides (from scratch), e.g. {"drop_path_rate": 0.1}
+    method: DinoV2Config = field(default_factory=DinoV2Config)
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+
+
+def build_backbone(opts: DinoV2Options) -> tuple[Encoder, dict[str, Any]]:
+    """The backbone to pretrain (from a checkpoint, or fresh) and its rgb stats."""
+    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.loading import load_pretrained_model
+    from ornis.models.registry import build_model
+
+    if (opts.weights is None) == (opts.arch is None):
+        raise ValueError("give exactly one of weights (continue pretraining a checkpoint) or arch (from scratch)")
+    if opts.weights is not None:
+        net, info = load_pretrained_model(opts.weights)
+        return net, dict(info.rgb_stats or DEFAULT_RGB_STATS)
+    net = build_model(str(opts.arch), size=opts.crops.global_size, config=opts.model_config)
+    return net, dict(DEFAULT_RGB_STATS)
+
+
+def train_dino_v2(opts: DinoV2Options, cfg: TrainConfig) -> TrainResult:
+    """Pretrain (or continue pretraining) a backbone with DINOv2 on an unlabelled image collection."""
+    torch.manual_seed(cfg.seed)  # the heads' initialisation, the same on every rank
+    backbone, rgb_stats = build_backbone(opts)
+    recipe = DinoV2Recipe(backbone, opts.method, opts.crops, rgb_stats, seed=cfg.seed)
+    dataset = SampleDataset(open_source(opts.data, labelled=False), DinoV2Views(opts.crops, rgb_stats))
+    return run(recipe, dataset, cfg)
+
+
+# -- command-line arguments ----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``dino-v2`` sub-command's own arguments (the loop's are added by ``ornis.cli.train``)."""
+    d, h, c = DinoV2Config(), HeadConfig(), MultiCropConfig()
+    g = parser.add_argument_group("DINOv2")
+    g.add_argument("--global-size", type=int, default=c.global_size, help="global crop size")
+    g.add_argument("--local-size", type=int, default=c.local_size, help="local crop size")
+    g.add_argument("--local-crops", type=int, default=c.local_crops, help="local crops per image")
+    g.add_argument("--out-dim", type=int, default=h.out_dim, help="prototypes of the DINO / iBOT head")
+    g.add_argument("--head-hidden-dim", type=int, default=h.hidden_dim)
+    g.add_argument("--head-bottleneck-dim", type=int, default=h.bottleneck_dim)
+    g.add_argument("--head-layers", type=int, default=h.num_layers)
+    g.add_argument("--separate-ibot-head", action="store_true", help="score patches with their own head")
+    g.add_argument("--centering", choices=["sinkhorn_knopp", "softmax"], default=d.centering)
+    g.add_argument("--sinkhorn-queue-size", type=int, default=d.sinkhorn_queue_size,
+                   help="earlier teacher outputs (rows per process) joining Sinkhorn-Knopp; helps small batches")
+    g.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
+    g.add_argument("--warmup-teacher-temp", type=float, default=d.warmup_teacher_temp)
+    g.add_argument("--warmup-teacher-temp-steps", type=int, default=d.warmup_teacher_temp_steps)
+    g.add_argument("--momentum-teacher", type=float, default=d.momentum_teacher)
+    g.add_argument("--dino-weight", type=float, default=d.dino_weight)
+    g.add_argument("--ibot-weight", type=float, default=d.ibot_weight)
+    g.add_argument("--koleo-weight", type=float, default=d.koleo_weight)
+    g.add_argument("--mask-probability", type=float, default=d.mask_probability)
+    g.add_argument("--freeze-last-layer-steps", type=int, default=d.freeze_last_layer_steps)
+    g.add_argument("--patch-sizes", type=int, nargs="+", help="FlexiViT: patch sizes to draw from per step")
+
+
+def options_from_args(args: argparse.Namespace) -> DinoV2Options:
+    heads = HeadConfig(args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim, args.head_layers,
+                       args.separate_ibot_head)
+    names = {f.name for f in fields(DinoV2Config)} - {"heads", "patch_sizes"}
+    method = DinoV2Config(heads=heads, patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
+                          **{k: getattr(args, k) for k in names if hasattr(args, k)})
+    crops = MultiCropConfig(args.global_size, args.local_size, args.local_crops)
+    return DinoV2Options(data=args.data, weights=args.weights, arch=args.arch, model_config=args.model_config,
+                         method=method, crops=crops)

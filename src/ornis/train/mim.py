@@ -1,0 +1,220 @@
+"""Masked image modelling, MAE-style (He et al. 2021): hide most of the image, encode only what is visible, and
+let a light decoder predict the hidden pixels, each patch's pixels normalised by their own mean and variance.
+
+The masked unit is a *mask unit*: a square of ``mask_unit`` x ``mask_unit`` patch tokens (1 for a plain ViT,
+a Hiera's own mask-unit size for Hiera, whose windowed attention needs whole units). The encoder sees only the
+visible units (token omission, the source of MAE's speed); the decoder sees them plus a learned mask token at
+every hidden position, with its own position embedding, and predicts the pixels of every patch; the loss is the
+mean squared error over the hidden patches only.
+
+The published-format checkpoint holds the encoder alone (no head): ``ornis.load_pretrained_model(path)`` gives
+the pretrained backbone, ready for ``embed`` or fine-tuning with ``ornis train classify --weights``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ornis.models.base import Encoder
+from ornis.models.vit import EncoderBlock, ViT, ViTConfig
+from ornis.train.data import SampleDataset, open_source, train_transform
+from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
+from ornis.weights.checkpoint import Checkpoint
+
+log = logging.getLogger("ornis.train")
+
+
+def random_unit_mask(batch: int, num_units: int, mask_ratio: float, device: torch.device) -> torch.Tensor:
+    """(B, num_units) bool, True where hidden; exactly ``round(num_units * mask_ratio)`` hidden per image, so the
+    visible tokens of a batch stack into one tensor."""
+    num_hidden = int(round(num_units * mask_ratio))
+    if not 0 < num_hidden < num_units:
+        raise ValueError(f"mask ratio {mask_ratio} hides {num_hidden} of {num_units} mask units; hide at least one, keep one")
+    order = torch.rand(batch, num_units, device=device).argsort(dim=1)
+    mask = torch.zeros(batch, num_units, dtype=torch.bool, device=device)
+    mask.scatter_(1, order[:, :num_hidden], True)
+    return mask
+
+
+def units_to_tokens(mask: torch.Tensor, units_grid: tuple[int, int], unit: int) -> torch.Tensor:
+    """A (B, uh*uw) mask-unit mask -> the (B, h*w) token mask, row-major over the token grid (h = uh * unit)."""
+    B = mask.shape[0]
+    m = mask.view(B, units_grid[0], 1, units_grid[1], 1).expand(-1, -1, unit, -1, unit)
+    return m.reshape(B, units_grid[0] * unit * units_grid[1] * unit)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, h*w, patch*patch*C), patches row-major, each patch's pixels in (py, px, c) order."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def normalized_pixel_loss(pred: torch.Tensor, images: torch.Tensor, token_mask: torch.Tensor, patch: int,
+                          norm_pix: bool = True) -> torch.Tensor:
+    """MAE's loss: MSE between predicted and true pixels of the hidden patches, each true patch normalised by its
+    own mean and variance (``norm_pix``; eps 1e-6 as in MAE)."""
+    target = patchify(images.float(), patch)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    m = token_mask.float()
+    return (per_patch * m).sum() / m.sum()
+
+
+class VisibleTokenEncoder:
+    """How a plain ViT encodes only the visible patches: patchify + position embeddings for the full grid, keep
+    the visible patch tokens (and the special tokens), run the blocks and the final norm."""
+
+    def __init__(self, net: ViT) -> None:
+        self.net = net
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        return (size[0] // self.net.patch_size, size[1] // self.net.patch_size)
+
+    @property
+    def pixel_patch(self) -> int:
+        return self.net.patch_size
+
+    def __call__(self, images: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_visible, D) visible patch tokens after the final norm, in row-major order."""
+        net = self.net
+        tokens, _ = net.embed_tokens(images)
+        special, patches = tokens[:, : net.num_special_tokens], tokens[:, net.num_special_tokens :]
+        B, _, D = patches.shape
+        visible = patches[~token_mask].view(B, -1, D)  # boolean indexing keeps row-major order per image
+        x, _ = net.encoder(torch.cat([special, visible], dim=1))
+        return net.norm(x)[:, net.num_special_tokens :]
+
+
+class MaskedAutoencoder(nn.Module):
+    """Encoder (an ornis encoder, trained) + light decoder (thrown away after pretraining). ``forward(images)``
+    returns the loss, so DDP wraps the whole thing."""
+
+    def __init__(self, encoder: Encoder, decoder_dim: int = 256, decoder_depth: int = 4, decoder_heads: int = 8,
+                 mask_ratio: float = 0.75, mask_unit: int = 1, norm_pix: bool = True) -> None:
+        super().__init__()
+        if isinstance(encoder, ViT):
+            self.visible = VisibleTokenEncoder(encoder)
+        else:
+            raise TypeError(f"masked image modelling supports plain ViTs (and Hiera once wired); got family "
+                            f"{getattr(encoder, 'family', type(encoder).__name__)!r}")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.mask_unit = mask_unit
+        self.norm_pix = norm_pix
+        grid = self.visible.token_grid(encoder.size)
+        if grid[0] % mask_unit or grid[1] % mask_unit:
+            raise ValueError(f"the {grid} token grid does not split into {mask_unit}x{mask_unit} mask units")
+        self.grid = grid
+        width = encoder.embedding_size
+        self.decoder_embed = nn.Linear(width, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], decoder_dim))
+        dec_cfg = ViTConfig(patch_size=1, num_layers=decoder_depth, num_heads=decoder_heads, hidden_dim=decoder_dim,
+                            mlp_dim=4 * decoder_dim)
+        self.decoder_blocks = nn.ModuleList(EncoderBlock(dec_cfg, 0.0) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        patch = self.visible.pixel_patch
+        self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.decoder_pos_embed, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, token_mask). Images must have the encoder's size."""
+        B = images.shape[0]
+        if tuple(images.shape[-2:]) != tuple(self.encoder.size):
+            raise ValueError(f"MIM images must be {self.encoder.size}, got {tuple(images.shape[-2:])}")
+        units = (self.grid[0] // self.mask_unit, self.grid[1] // self.mask_unit)
+        unit_mask = random_unit_mask(B, units[0] * units[1], self.mask_ratio, images.device)
+        token_mask = units_to_tokens(unit_mask, units, self.mask_unit)
+        visible = self.decoder_embed(self.visible(images, token_mask))
+        full = self.mask_token.to(visible.dtype).expand(B, token_mask.shape[1], -1).clone()
+        full[~token_mask] = visible.reshape(-1, visible.shape[-1])
+        x = full + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))
+        return normalized_pixel_loss(pred, images, token_mask, self.visible.pixel_patch, self.norm_pix), token_mask
+
+
+class MIMRecipe(Recipe):
+    name = "mim"
+
+    def __init__(self, mae: MaskedAutoencoder, rgb_stats: dict[str, Any]) -> None:
+        self.model = mae
+        self.rgb_stats = rgb_stats
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch[0]
+        loss, _ = model(images)
+        return loss, {}
+
+    def export_checkpoint(self) -> Checkpoint:
+        return encoder_checkpoint(self.model.encoder, {}, self.rgb_stats)
+
+
+@dataclass
+class MIMOptions:
+    """What ``train_mim`` builds; the loop's settings are a separate ``TrainConfig``."""
+
+    train: str | os.PathLike | list[str]  # any folder of images (no labels needed), a .tar shard, a folder of shards
+    weights: str | os.PathLike | None = None  # continue pretraining a checkpoint
+    arch: str | None = None  # or start from scratch
+    size: int | None = None
+    model_config: dict[str, Any] | None = None
+    mask_ratio: float = 0.75
+    mask_unit: int | None = None  # in patch tokens; default 1 for ViT
+    decoder_dim: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    norm_pix: bool = True
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+
+
+def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
+    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.loading import load_pretrained_model
+    from ornis.models.registry import build_model
+
+    if (opts.weights is None) == (opts.arch is None):
+        raise ValueError("give exactly one of weights (continue pretraining) or arch (from scratch)")
+    if opts.weights is not None:
+        net, info = load_pretrained_model(opts.weights)
+        rgb_stats = dict(info.rgb_stats or DEFAULT_RGB_STATS)
+        if net.num_classes:
+            net.reset_classifier(0)  # the head gets no gradient from MIM; the pretraining checkpoint has none
+    else:
+        net = build_model(str(opts.arch), num_classes=0, size=opts.size, config=opts.model_config)
+        rgb_stats = dict(DEFAULT_RGB_STATS)
+    if opts.size is not None and net.size != (opts.size, opts.size):
+        net.adjust_size((opts.size, opts.size))
+    mae = MaskedAutoencoder(net, opts.decoder_dim, opts.decoder_depth, opts.decoder_heads, opts.mask_ratio,
+                            opts.mask_unit or 1, opts.norm_pix)
+    return mae, rgb_stats
+
+
+def train_mim(opts: MIMOptions, cfg: TrainConfig) -> TrainResult:
+    """MAE pretraining (or continued pretraining) on any images; labels, if the data has them, are ignored."""
+    source = open_source(opts.train, labelled=False)
+    mae, rgb_stats = build_mae(opts)
+    transform = train_transform(mae.encoder.size, rgb_stats, scale=opts.crop_scale, auto_augment=None)
+    return run(MIMRecipe(mae, rgb_stats), SampleDataset(source, transform), cfg)
