@@ -224,7 +224,8 @@ def export_model(
         run = _exported_runner(tmp, fmt, param.device)
         abs_diff, rel_diff = 0.0, 0.0
         for x, want in zip(check_inputs, expected):
-            got = run(x)
+            with torch.no_grad():
+                got = run(x)
             if len(got) != len(want):
                 raise ExportCheckError(f"{path}: the exported model returned {len(got)} outputs, expected {len(want)}")
             for name, g, w in zip(output_names, got, want):
@@ -429,7 +430,8 @@ def _reserve_temporary(path: Path) -> Path:
     be created or written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # the real suffix last: torch.export.load warns about any other
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     except OSError as e:
         raise ExportError(f"{path}: the output folder {path.parent} cannot be written ({e.strerror or e})") from None
     os.close(fd)

@@ -43,12 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.set_defaults(func=run_verify)
 
 
-def count_parameters(network: str, num_classes: int = 0, config: dict | None = None) -> int:
-    """Parameters of an architecture, counted on the meta device (no memory, no init time)."""
+def count_parameters(network: str, num_classes: int = 0, size: tuple[int, int] | None = None) -> int:
+    """Parameters of an architecture at input ``size`` (position tables grow with it), counted on the meta device
+    (no memory, no init time)."""
     spec = registry.get_model_spec(network)
-    cfg = registry.apply_overrides(spec.config, config)
     with torch.device("meta"):
-        net = spec.cls(cfg, num_classes=num_classes, size=spec.default_size, name=network)
+        net = spec.cls(spec.config, num_classes=num_classes, size=size or spec.default_size, name=network)
     return sum(p.numel() for p in net.parameters())
 
 
@@ -87,7 +87,7 @@ def run_info(args: argparse.Namespace) -> int:
             ("task", w.task),
             ("resolution", f"{w.resolution[0]}x{w.resolution[1]}"),
             ("classes", str(w.num_classes)),
-            ("parameters (M)", f"{count_parameters(w.network, w.num_classes) / 1e6:.1f}"),
+            ("parameters (M)", f"{count_parameters(w.network, w.num_classes, w.resolution) / 1e6:.1f}"),
             ("description", w.description),
         ]
         for f in w.files:

@@ -442,7 +442,8 @@ def run(recipe: Recipe, dataset: Dataset, cfg: TrainConfig) -> TrainResult:
                     with open(out_dir / "log.jsonl", "a") as f:
                         f.write(json.dumps(entry) + "\n")
         if out_dir is not None and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-            result.states = _write_checkpoints(out_dir, done, model, optimizer, recipe, ema, cfg, is_main)
+            states_file = _write_checkpoints(out_dir, done, model, optimizer, recipe, ema, cfg, is_main)
+            result.states = states_file if is_main else None
 
     if out_dir is not None and is_main and end == cfg.steps:
         final = out_dir / f"{recipe.tag}.pt"

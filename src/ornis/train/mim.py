@@ -215,6 +215,7 @@ def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
 def train_mim(opts: MIMOptions, cfg: TrainConfig) -> TrainResult:
     """MAE pretraining (or continued pretraining) on any images; labels, if the data has them, are ignored."""
     source = open_source(opts.train, labelled=False)
+    torch.manual_seed(cfg.seed)  # the decoder (and a from-scratch encoder) start the same on every rank and run
     mae, rgb_stats = build_mae(opts)
     transform = train_transform(mae.encoder.size, rgb_stats, scale=opts.crop_scale, auto_augment=None)
     return run(MIMRecipe(mae, rgb_stats), SampleDataset(source, transform), cfg)

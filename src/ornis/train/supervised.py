@@ -125,6 +125,7 @@ def train_classifier(opts: ClassifyOptions, cfg: TrainConfig) -> tuple[TrainResu
     top-1 / top-5 on ``opts.val`` of the final model (None without a validation set)."""
     train_source = open_source(opts.train, labelled=True)
     class_to_idx = train_source.class_to_idx
+    torch.manual_seed(cfg.seed)  # the new head / a from-scratch model start the same on every rank and every run
     net, rgb_stats, size = build_classifier(opts, class_to_idx)
     transform = train_transform(size, rgb_stats, scale=opts.crop_scale, auto_augment=opts.auto_augment)
     recipe = ClassifyRecipe(net, class_to_idx, rgb_stats, opts.mixup_alpha, opts.cutmix_alpha, opts.label_smoothing)

@@ -111,23 +111,33 @@ def block_mask(grid: tuple[int, int], num_masked: int, rng: random.Random, min_b
     return mask
 
 
-def view_mask(
+def sample_masks(
     grid: tuple[int, int],
+    views: int,
     rng: random.Random,
     probability: float = 0.5,
     ratio_range: tuple[float, float] = (0.1, 0.5),
 ) -> torch.Tensor:
-    """The iBOT mask of one global view, flattened to (h*w,): with ``probability`` a block mask covering a ratio
-    drawn uniformly from ``ratio_range`` of the grid, else nothing (DINOv2 masks half the global views, 10-50%)."""
+    """The iBOT masks of one sample's ``views`` global views, (views, h*w) bool.
+
+    ``probability * views`` of them are masked (the fraction by a coin flip), each over a ratio drawn uniformly
+    from ``ratio_range`` of the grid. DINOv2 masks exactly that share of a batch's views; choosing per sample
+    keeps the count exact (with the default 0.5 and two views: one masked view per image) while the masks stay a
+    function of the sample alone, independent of how the batch is split over processes.
+    """
     h, w = grid
-    if rng.random() >= probability:
-        return torch.zeros(h * w, dtype=torch.bool)
-    ratio = rng.uniform(*ratio_range)
-    return block_mask(grid, int(h * w * ratio), rng, max_aspect=3.3).flatten()
+    expected = probability * views
+    count = int(expected) + (rng.random() < expected - int(expected))
+    masked = set(rng.sample(range(views), min(count, views)))
+    out = torch.zeros(views, h * w, dtype=torch.bool)
+    for v in sorted(masked):
+        ratio = rng.uniform(*ratio_range)
+        out[v] = block_mask(grid, int(h * w * ratio), rng).flatten()
+    return out
 
 
-def mask_rng(sample_seed: int, view: int) -> random.Random:
-    """The generator of one view's mask. ``sample_seed`` is drawn with the sample's crops (from the loop's
-    per-sample seed), so the same image gets the same mask whatever the number of processes or its position in
-    the batch, and a resumed run repeats it."""
-    return random.Random(f"ibot:{sample_seed}:{view}")
+def mask_rng(sample_seed: int) -> random.Random:
+    """The generator of one sample's masks. ``sample_seed`` is drawn with the sample's crops (from the loop's
+    per-sample seed), so an image gets the same masks whatever the number of processes or its position in the
+    batch, and a resumed run repeats them."""
+    return random.Random(f"ibot:{sample_seed}")

@@ -29,7 +29,7 @@ from ornis.train.dino_v2.backbones import family_of, mask_grid
 from ornis.train.dino_v2.centering import LogitQueue, SoftmaxCentering, sinkhorn_knopp, teacher_temperature
 from ornis.train.dino_v2.losses import dino_loss, ibot_loss, koleo_loss
 from ornis.train.dino_v2.meta_arch import HeadConfig, SelfDistillationNet, ema_update, make_teacher, teacher_momentum
-from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform, collate_views, mask_rng, view_mask
+from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform, collate_views, mask_rng, sample_masks
 from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
 from ornis.weights.checkpoint import Checkpoint
 
@@ -130,15 +130,12 @@ class DinoV2Recipe(Recipe):
         return batch
 
     def masks(self, mask_seeds: list[int], grid: tuple[int, int]) -> torch.Tensor:
-        """(G*B, h*w) bool, view-major like the global crops; each view's mask a function of its sample's seed."""
+        """(G*B, h*w) bool, view-major like the global crops; each sample's masks a function of its seed."""
         cfg = self.config
-        return torch.stack(
-            [
-                view_mask(grid, mask_rng(seed, v), cfg.mask_probability, cfg.mask_ratio)
-                for v in range(GLOBAL_VIEWS)
-                for seed in mask_seeds
-            ]
-        )
+        per_sample = [
+            sample_masks(grid, GLOBAL_VIEWS, mask_rng(seed), cfg.mask_probability, cfg.mask_ratio) for seed in mask_seeds
+        ]
+        return torch.stack(per_sample, dim=1).flatten(0, 1)
 
     def _targets(self, kind: str, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         if self.config.centering == "softmax":
@@ -175,9 +172,9 @@ class DinoV2Recipe(Recipe):
         loss_koleo = sum(koleo_loss(e, cfg.koleo_eps) for e in student.global_embedding.chunk(GLOBAL_VIEWS))
         loss = cfg.dino_weight * loss_dino + cfg.ibot_weight * loss_ibot + cfg.koleo_weight * loss_koleo
         logs = {
-            "dino": float(loss_dino),
-            "ibot": float(loss_ibot),
-            "koleo": float(loss_koleo),
+            "dino": float(loss_dino.detach()),
+            "ibot": float(loss_ibot.detach()),
+            "koleo": float(loss_koleo.detach()),
             "teacher_temp": temp,
             "masked_patches": float(masks.sum()),
         }
