@@ -34,7 +34,7 @@ MODEL_CONFIG = {"patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads"
 SIZE = 64
 TRAIN_SEED = 1  # generated-data seeds: training images, held-out images (ornis demo measures on seed 2 too)
 HELD_OUT_SEED = 2
-ASSET_NAME = "vit_shapes_t8_demo.pt"  # <network-ish>_<tag>; registered as the "vit_shapes_t8_demo" weights
+ASSET_NAME = "ornis_shapes_vit_tiny.pt"  # registered as the "ornis_shapes_vit_tiny" weights (ornis.assets)
 
 
 def main(argv: list[str] | None = None) -> int:

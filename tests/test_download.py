@@ -305,3 +305,12 @@ def test_progress_bar_on_stderr_when_asked():
     text = stream.getvalue()
     assert "w.pt" in text and " 50%" in text and "2.0 MB" in text
     assert download.progress_enabled(False) is False
+
+
+def test_stale_partial_file_is_discarded_after_a_bad_resume(entry, server, checkpoint_bytes, tmp_path):
+    part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\1" * 1000)  # left over from some other file: resuming it gives the wrong digest
+    path = cache.resolve_weights(NAME, progress=False)
+    assert server.requests == [(f"/primary/{NAME}.pt", "bytes=1000-"), (f"/primary/{NAME}.pt", None)]
+    assert path.read_bytes() == checkpoint_bytes

@@ -91,7 +91,7 @@ def run_info(args: argparse.Namespace) -> int:
             ("description", w.description),
         ]
         for f in w.files:
-            path = cache.weights_path(w, f.format, args.cache)
+            path = cache.local_file(w, f.format, args.cache)
             lines += [
                 (f"{f.format} url", w.url(f.format, cache.base_url_for(w))),
                 (f"{f.format} size (MB)", f"{f.size_mb:.1f}"),

@@ -121,6 +121,7 @@ class MaskedImageModelling:
 RECIPES: dict[str, Any] = {
     "classify": Classify,
     "mim": MaskedImageModelling,
+    "dino-v2": "ornis.train.dino_v2.cli",
 }
 
 

@@ -270,3 +270,50 @@ def near_duplicates(index: EmbeddingIndex, threshold: float = 0.95, neighbours: 
                 found[(min(r, j), max(r, j))] = max(s, found.get((min(r, j), max(r, j)), -1.0))
     pairs = [DuplicatePair(a, b, s) for (a, b), s in found.items()]
     return sorted(pairs, key=lambda p: (-p.similarity, p.a, p.b))
+
+
+def embed_images(paths: list[str], model: str, batch_size: int = 32) -> np.ndarray:
+    """Embeddings of image files with ``model`` (a weights name or checkpoint path), preprocessed as ``ornis embed``
+    does (the checkpoint's ``classification_transform``), so they are comparable with an index built from it."""
+    from ornis import classification_transform, get_size_from_signature, load_pretrained_model
+    from ornis.inference.classification import open_rgb
+
+    net, info = load_pretrained_model(model, inference=True)
+    transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            batch = torch.stack([transform(open_rgb(p)) for p in paths[start : start + batch_size]])
+            out.append(net.embedding(batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.embedding_size), np.float32)
+
+
+def resolve_queries(index: EmbeddingIndex, queries: list[str], model: str | None = None) -> tuple[np.ndarray, list[int | None]]:
+    """Query embeddings for a list of row ids, indexed paths or image files, and the index row each one is (None
+    for outside images). Image files are embedded with ``model``, by default the model that made the index."""
+    rows: list[int | None] = []
+    vectors: list[np.ndarray | None] = []
+    to_embed: list[tuple[int, str]] = []
+    for q in queries:
+        if q.isdigit():
+            row = int(q)
+            if row >= len(index):
+                raise EmbeddingsFormatError(f"row {row} is out of range: the index has {len(index)} rows")
+        elif q in index.paths or not Path(q).is_file():
+            row = index.row_of(q)
+        else:
+            row = None
+        rows.append(row)
+        if row is None:
+            to_embed.append((len(vectors), q))
+            vectors.append(None)
+        else:
+            vectors.append(index.embeddings[row])
+    if to_embed:
+        model = model or index.model
+        if not model:
+            raise EmbeddingsFormatError("query images need a model to embed them: the index records none; pass model=")
+        embedded = embed_images([q for _, q in to_embed], model)
+        for (slot, _), vector in zip(to_embed, normalize_rows(embedded)):
+            vectors[slot] = vector
+    return np.stack(vectors).astype(np.float32), rows

@@ -25,13 +25,14 @@ class EmbeddingTable:
     embeddings: np.ndarray
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
+    model: str | None = None  # the file's ``ornis.model`` metadata: what made the embeddings
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, rows: np.ndarray) -> "EmbeddingTable":
         labels = None if self.labels is None else self.labels[rows]
-        return EmbeddingTable([self.paths[i] for i in rows], self.embeddings[rows], labels, self.class_names)
+        return EmbeddingTable([self.paths[i] for i in rows], self.embeddings[rows], labels, self.class_names, self.model)
 
 
 def embeddings_from_column(column, source: str | os.PathLike, name: str = EMBEDDING_COLUMN) -> np.ndarray:
@@ -78,8 +79,9 @@ def read_embeddings(
             )
     paths = [str(p) for p in table.column(PATH_COLUMN).to_pylist()]
     embeddings = embeddings_from_column(table.column(EMBEDDING_COLUMN), source)
+    model = _metadata(source, table).get("ornis.model")
     if not labelled:
-        return EmbeddingTable(paths, embeddings)
+        return EmbeddingTable(paths, embeddings, model=model)
     if label_column is not None:
         if label_column not in table.column_names:
             raise EmbeddingsFormatError(
@@ -89,7 +91,18 @@ def read_embeddings(
     else:
         raw = [Path(p).parent.name for p in paths]
     labels, names = encode_labels(raw, class_names, source)
-    return EmbeddingTable(paths, embeddings, labels, names)
+    return EmbeddingTable(paths, embeddings, labels, names, model)
+
+
+def _metadata(source: Path, table) -> dict[str, str]:
+    """The ``ornis.*`` key-value metadata of the file (of its first part, for a folder of parts)."""
+    import pyarrow.parquet as pq
+
+    meta = table.schema.metadata
+    if not meta and source.is_dir():
+        parts = sorted(source.glob("part-*.parquet"))
+        meta = pq.read_schema(parts[0]).metadata if parts else None
+    return {k.decode(): v.decode() for k, v in (meta or {}).items() if k.startswith(b"ornis.")}
 
 
 def encode_labels(

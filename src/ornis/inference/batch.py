@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -130,12 +131,14 @@ class WorkerStats:
     decode_s: float = 0.0  # CPU seconds decoding and resizing, summed over DataLoader workers
     wait_s: float = 0.0  # seconds the model loop waited for decoded batches
     model_s: float = 0.0  # seconds the model loop spent on the device (copies, forward, results)
+    loop_s: float = 0.0  # from the first decoded batch to the end: the steady pipeline, without start-up
     wall_s: float = 0.0
 
     def add(self, other: WorkerStats) -> None:
         for k in ("images", "errors", "shards", "decode_s", "wait_s", "model_s"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.wall_s = max(self.wall_s, other.wall_s)
+        self.loop_s = max(self.loop_s, other.loop_s)
 
 
 @dataclass
@@ -152,6 +155,7 @@ class BatchSummary:
     decode_s: float
     wait_s: float
     model_s: float
+    loop_s: float = 0.0
     world_size: int = 1
     error_records: int = 0  # lines in the errors file, all runs together
 
@@ -318,6 +322,7 @@ def finalize_output(job: BatchJob, totals: WorkerStats, *, skipped: int, world_s
         decode_s=totals.decode_s,
         wait_s=totals.wait_s,
         model_s=totals.model_s,
+        loop_s=totals.loop_s,
         world_size=world_size,
         error_records=records,
     )
@@ -381,8 +386,11 @@ class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
     DataLoader pulls batches lazily, so a rank claims its next shard only when it is ready for it. Batches never
     span two shards, so their make-up (and the floating-point result) does not depend on which rank ran them."""
 
-    def __init__(self, out: Path, manifest: dict[str, Any], batch_size: int, *, retry_errors: bool, shard_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, out: Path, manifest: dict[str, Any], batch_size: int, *, retry_errors: bool, shard_ids: Sequence[int] | None = None, rank: int = 0
+    ) -> None:
         self.out = out
+        self.rank = rank
         self.claims = out / "_claims" / manifest["attempt"]
         self.shards = [s for s in manifest["shards"] if shard_ids is None or s["id"] in shard_ids]
         self.batch_size = batch_size
@@ -403,10 +411,12 @@ class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
         if not self.claim:
             return True
         try:
-            os.close(os.open(self.claims / f"{shard_id:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
+            fd = os.open(self.claims / f"{shard_id:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
+        with os.fdopen(fd, "w") as f:  # who took it, for whoever debugs a slow shard
+            f.write(f"rank {self.rank} host {socket.gethostname()} pid {os.getpid()}\n")
+        return True
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for shard in self.shards:
@@ -437,7 +447,7 @@ def run_worker(
     net, info = load_pretrained_model(job.model, inference=True, network=job.network, device=device)
     runner = ModelRunner(net, info, job, device)
     batch_size = job.batch_size or (256 if device.type == "cuda" else 32)
-    sampler = ClaimingBatchSampler(out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids)
+    sampler = ClaimingBatchSampler(out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids, rank=rank)
     dataset = ShardDataset(out / PLAN, runner.cpu_transform, job.decode)
     workers = default_num_workers(device, world_size) if job.num_workers is None else job.num_workers
     loader = DataLoader(
@@ -454,22 +464,35 @@ def run_worker(
     pending_images = sum(s["count"] for s in manifest["shards"] if s["status"] != "done") if not job.retry_errors else 0
     progress = Progress(pending_images, world_size, enabled=rank == 0 and _progress_enabled(job))
     batches = iter(loader)
+    previous: tuple[dict[str, Any], Callable[[], dict[str, np.ndarray]]] | None = None
+    first_batch_at = None
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)
         stats.wait_s += time.perf_counter() - t0
-        if batch is None:
-            break
+        if batch is not None and first_batch_at is None:
+            first_batch_at = time.perf_counter()
         t1 = time.perf_counter()
-        results = runner(batch["pixels"]) if batch["pixels"] is not None else {}
-        stats.model_s += time.perf_counter() - t1
-        stats.decode_s += batch["decode_s"]
-        stats.images += len(batch["key"])
-        stats.errors += len(batch["errors"])
-        stats.shards += writer.add(batch, results)
-        progress.update(batch["count"])
+        current = None
+        if batch is not None:
+            current = (batch, runner.launch(batch["pixels"]) if batch["pixels"] is not None else dict)
+        if previous is not None:  # read the last batch's rows while this one runs on the device
+            done, wait = previous
+            results = wait()
+            stats.model_s += time.perf_counter() - t1
+            stats.decode_s += done["decode_s"]
+            stats.images += len(done["key"])
+            stats.errors += len(done["errors"])
+            stats.shards += writer.add(done, results)
+            progress.update(done["count"])
+        else:
+            stats.model_s += time.perf_counter() - t1
+        if current is None:
+            break
+        previous = current
     progress.close()
     stats.wall_s = time.perf_counter() - started
+    stats.loop_s = time.perf_counter() - first_batch_at if first_batch_at else 0.0
     return stats
 
 
@@ -548,7 +571,9 @@ class ModelRunner:
             res["features"] = self.net.detection_features(x)[self.job.features]
         return res
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    def launch(self, pixels: torch.Tensor) -> Callable[[], dict[str, np.ndarray]]:
+        """Start the batch on the device and return a function that waits for its rows. On CUDA the results come
+        back through non-blocking copies, so the loop can hand the next batch to the GPU before reading these."""
         n = pixels.shape[0]
         x = pixels.to(self.device, non_blocking=True)
         if self.stats is not None:
@@ -561,17 +586,28 @@ class ModelRunner:
         self.max_batch = max(self.max_batch, n)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=getattr(torch, self.precision), enabled=self.autocast):
             res = self.step(x)
-        arrays: dict[str, np.ndarray] = {}
-        if self.job.task == "embed":
-            arrays["embedding"] = res["embedding"][:n].float().cpu().numpy()
-        else:
-            k = min(self.job.top_k, res["probabilities"].shape[1])
-            probs, idx = res["probabilities"][:n].topk(k, dim=1)
-            arrays["probabilities"] = probs.cpu().numpy()
-            arrays["label_ids"] = idx.cpu().numpy()
-        if "features" in res:
-            arrays["features"] = res["features"][:n].float().cpu().numpy()
-        return arrays
+            outputs: dict[str, torch.Tensor] = {}
+            if self.job.task == "embed":
+                outputs["embedding"] = res["embedding"][:n].float()
+            else:
+                k = min(self.job.top_k, res["probabilities"].shape[1])
+                outputs["probabilities"], outputs["label_ids"] = res["probabilities"][:n].topk(k, dim=1)
+            if "features" in res:
+                outputs["features"] = res["features"][:n].float()
+            on_host = {k: v.to("cpu", non_blocking=True) for k, v in outputs.items()}
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+
+        def wait() -> dict[str, np.ndarray]:
+            if done is not None:
+                done.synchronize()
+            return {k: v.numpy() for k, v in on_host.items()}
+
+        return wait
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        return self.launch(pixels)()
 
 
 class ShardWriter:
@@ -721,10 +757,14 @@ class DistContext:
     def sum_stats(self, stats: WorkerStats) -> WorkerStats:
         if self.world_size == 1:
             return stats
-        keys = ("images", "errors", "shards", "decode_s", "wait_s", "model_s", "wall_s")
+        keys = ("images", "errors", "shards", "decode_s", "wait_s", "model_s")
         t = torch.tensor([float(getattr(stats, k)) for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(t)
-        total = WorkerStats(**{k: (int(v) if k in ("images", "errors", "shards") else float(v)) for k, v in zip(keys, t.tolist())})
+        longest = torch.tensor([stats.wall_s, stats.loop_s], dtype=torch.float64)
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        counts = ("images", "errors", "shards")
+        total = WorkerStats(**{k: (int(v) if k in counts else float(v)) for k, v in zip(keys, t.tolist())})
+        total.wall_s, total.loop_s = longest.tolist()
         return total
 
     def close(self) -> None:

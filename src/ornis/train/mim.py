@@ -71,61 +71,58 @@ def normalized_pixel_loss(pred: torch.Tensor, images: torch.Tensor, token_mask: 
     return (per_patch * m).sum() / m.sum()
 
 
-class VisibleTokenEncoder:
-    """How a plain ViT encodes only the visible patches: patchify + position embeddings for the full grid, keep
-    the visible patch tokens (and the special tokens), run the blocks and the final norm."""
-
-    def __init__(self, net: ViT) -> None:
-        self.net = net
-
-    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
-        return (size[0] // self.net.patch_size, size[1] // self.net.patch_size)
-
-    @property
-    def pixel_patch(self) -> int:
-        return self.net.patch_size
-
-    def __call__(self, images: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """(B, n_visible, D) visible patch tokens after the final norm, in row-major order."""
-        net = self.net
-        tokens, _ = net.embed_tokens(images)
-        special, patches = tokens[:, : net.num_special_tokens], tokens[:, net.num_special_tokens :]
-        B, _, D = patches.shape
-        visible = patches[~token_mask].view(B, -1, D)  # boolean indexing keeps row-major order per image
-        x, _ = net.encoder(torch.cat([special, visible], dim=1))
-        return net.norm(x)[:, net.num_special_tokens :]
-
-
 class MaskedAutoencoder(nn.Module):
     """Encoder (an ornis encoder, trained) + light decoder (thrown away after pretraining). ``forward(images)``
-    returns the loss, so DDP wraps the whole thing."""
+    returns the loss, so DDP wraps the whole thing.
+
+    Plain ViT: the decoder sees one token per patch; a mask unit is ``mask_unit`` x ``mask_unit`` patches.
+    Hiera: the mask unit is the model's own (8 x 8 stem tokens, 32 x 32 pixels), the encoder runs on the kept units
+    only (``Hiera.masked_encoding``), every stage's output is pooled to one vector per unit by a strided conv and
+    summed with the last stage's (MAE-Hiera's multi-scale fusion), and the decoder sees one token per mask unit that
+    predicts its 32 x 32 pixels.
+    """
 
     def __init__(self, encoder: Encoder, decoder_dim: int = 256, decoder_depth: int = 4, decoder_heads: int = 8,
-                 mask_ratio: float = 0.75, mask_unit: int = 1, norm_pix: bool = True) -> None:
+                 mask_ratio: float = 0.75, mask_unit: int | None = None, norm_pix: bool = True) -> None:
         super().__init__()
-        if isinstance(encoder, ViT):
-            self.visible = VisibleTokenEncoder(encoder)
-        else:
-            raise TypeError(f"masked image modelling supports plain ViTs (and Hiera once wired); got family "
-                            f"{getattr(encoder, 'family', type(encoder).__name__)!r}")
+        from ornis.models.hiera import TOTAL_STRIDE, Hiera
+
         self.encoder = encoder
         self.mask_ratio = mask_ratio
-        self.mask_unit = mask_unit
         self.norm_pix = norm_pix
-        grid = self.visible.token_grid(encoder.size)
-        if grid[0] % mask_unit or grid[1] % mask_unit:
-            raise ValueError(f"the {grid} token grid does not split into {mask_unit}x{mask_unit} mask units")
-        self.grid = grid
         width = encoder.embedding_size
+        self.fusion_heads: nn.ModuleList | None = None
+        if isinstance(encoder, ViT):
+            self.grid = (encoder.size[0] // encoder.patch_size, encoder.size[1] // encoder.patch_size)
+            self.pixel_patch = encoder.patch_size
+            self.mask_unit = mask_unit or 1
+        elif isinstance(encoder, Hiera):
+            if mask_unit not in (None, 1):
+                raise ValueError(f"Hiera masks its own 8x8-token mask units; mask_unit must be left unset, got {mask_unit}")
+            self.grid = encoder.mask_spatial_shape
+            self.pixel_patch = TOTAL_STRIDE
+            self.mask_unit = 1
+            encoder.return_stages = [f"stage{i + 1}" for i in range(len(encoder.return_channels))]
+            last = len(encoder.return_channels) - 1
+            # stage i's kept units come as m x m patches, m = 2 ** (poolings left); a stride-m conv makes one vector
+            self.fusion_heads = nn.ModuleList(
+                nn.Conv2d(c, width, kernel_size=2 ** (last - i), stride=2 ** (last - i)) if i < last else nn.Identity()
+                for i, c in enumerate(encoder.return_channels)
+            )
+            self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
+        else:
+            raise TypeError(f"masked image modelling supports the vit and hiera families, got "
+                            f"{getattr(encoder, 'family', type(encoder).__name__)!r}")
+        if self.grid[0] % self.mask_unit or self.grid[1] % self.mask_unit:
+            raise ValueError(f"the {self.grid} token grid does not split into {self.mask_unit}x{self.mask_unit} mask units")
         self.decoder_embed = nn.Linear(width, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], decoder_dim))
         dec_cfg = ViTConfig(patch_size=1, num_layers=decoder_depth, num_heads=decoder_heads, hidden_dim=decoder_dim,
                             mlp_dim=4 * decoder_dim)
         self.decoder_blocks = nn.ModuleList(EncoderBlock(dec_cfg, 0.0) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        patch = self.visible.pixel_patch
-        self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
+        self.decoder_pred = nn.Linear(decoder_dim, self.pixel_patch * self.pixel_patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.decoder_pos_embed, std=0.02)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
@@ -134,25 +131,66 @@ class MaskedAutoencoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, token_mask). Images must have the encoder's size."""
+    def encode_visible(self, images: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_visible, width): the encoder's output for the visible decoder positions, in row-major order."""
+        net = self.encoder
+        if self.fusion_heads is None:  # plain ViT: drop the hidden patch tokens before the blocks
+            tokens, _ = net.embed_tokens(images)
+            special, patches = tokens[:, : net.num_special_tokens], tokens[:, net.num_special_tokens :]
+            B, _, D = patches.shape
+            visible = patches[~token_mask].view(B, -1, D)  # boolean indexing keeps row-major order per image
+            x, _ = net.encoder(torch.cat([special, visible], dim=1))
+            return net.norm(x)[:, net.num_special_tokens :]
+        per_stage, _ = net.masked_encoding(images, token_mask.to(images.dtype))  # kept units in ascending order
+        fused = 0.0
+        for head, x in zip(self.fusion_heads, per_stage):  # x: (B, K, m, m, C)
+            B, K, m, _, C = x.shape
+            if isinstance(head, nn.Identity):
+                fused = fused + x.reshape(B, K, C)
+            else:
+                fused = fused + head(x.reshape(B * K, m, m, C).permute(0, 3, 1, 2)).reshape(B, K, -1)
+        return self.encoder_norm(fused)
+
+    @property
+    def units_grid(self) -> tuple[int, int]:
+        """The grid masks are drawn on: (rows, columns) of mask units."""
+        return (self.grid[0] // self.mask_unit, self.grid[1] // self.mask_unit)
+
+    def forward(self, images: torch.Tensor, unit_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, token_mask). Images must have the encoder's size; ``unit_mask`` (B, units), True = hidden, is
+        drawn here when not given (the recipe draws it per sample in the data pipeline instead, see
+        ``MaskedSample``)."""
         B = images.shape[0]
         if tuple(images.shape[-2:]) != tuple(self.encoder.size):
             raise ValueError(f"MIM images must be {self.encoder.size}, got {tuple(images.shape[-2:])}")
-        units = (self.grid[0] // self.mask_unit, self.grid[1] // self.mask_unit)
-        unit_mask = random_unit_mask(B, units[0] * units[1], self.mask_ratio, images.device)
+        units = self.units_grid
+        if unit_mask is None:
+            unit_mask = random_unit_mask(B, units[0] * units[1], self.mask_ratio, images.device)
         token_mask = units_to_tokens(unit_mask, units, self.mask_unit)
-        visible = self.decoder_embed(self.visible(images, token_mask))
+        visible = self.decoder_embed(self.encode_visible(images, token_mask))
         full = self.mask_token.to(visible.dtype).expand(B, token_mask.shape[1], -1).clone()
         full[~token_mask] = visible.reshape(-1, visible.shape[-1])
         x = full + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         pred = self.decoder_pred(self.decoder_norm(x))
-        return normalized_pixel_loss(pred, images, token_mask, self.visible.pixel_patch, self.norm_pix), token_mask
+        return normalized_pixel_loss(pred, images, token_mask, self.pixel_patch, self.norm_pix), token_mask
+
+
+class MaskedSample:
+    """Image transform + a random mask-unit mask drawn with it: the mask then comes from the sample's own seed, so
+    it is the same whatever the number of ranks (one process with batch B masks exactly as two with B / 2)."""
+
+    def __init__(self, transform: Any, num_units: int, mask_ratio: float) -> None:
+        self.transform, self.num_units, self.mask_ratio = transform, num_units, mask_ratio
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), random_unit_mask(1, self.num_units, self.mask_ratio, torch.device("cpu"))[0]
 
 
 class MIMRecipe(Recipe):
+    """Batches are ``((images, unit_masks), labels)`` (``MaskedSample`` in a ``SampleDataset``); labels unused."""
+
     name = "mim"
 
     def __init__(self, mae: MaskedAutoencoder, rgb_stats: dict[str, Any]) -> None:
@@ -164,8 +202,8 @@ class MIMRecipe(Recipe):
         return self.model.encoder
 
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        images = batch[0]
-        loss, _ = model(images)
+        images, unit_mask = batch[0]
+        loss, _ = model(images, unit_mask)
         return loss, {}
 
     def export_checkpoint(self) -> Checkpoint:
@@ -182,7 +220,7 @@ class MIMOptions:
     size: int | None = None
     model_config: dict[str, Any] | None = None
     mask_ratio: float = 0.75
-    mask_unit: int | None = None  # in patch tokens; default 1 for ViT
+    mask_unit: int | None = None  # ViT: mask-unit side in patches (default 1); Hiera: its own, leave unset
     decoder_dim: int = 256
     decoder_depth: int = 4
     decoder_heads: int = 8
@@ -208,7 +246,7 @@ def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     if opts.size is not None and net.size != (opts.size, opts.size):
         net.adjust_size((opts.size, opts.size))
     mae = MaskedAutoencoder(net, opts.decoder_dim, opts.decoder_depth, opts.decoder_heads, opts.mask_ratio,
-                            opts.mask_unit or 1, opts.norm_pix)
+                            opts.mask_unit, opts.norm_pix)
     return mae, rgb_stats
 
 
@@ -218,4 +256,6 @@ def train_mim(opts: MIMOptions, cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the decoder (and a from-scratch encoder) start the same on every rank and run
     mae, rgb_stats = build_mae(opts)
     transform = train_transform(mae.encoder.size, rgb_stats, scale=opts.crop_scale, auto_augment=None)
+    units = mae.units_grid
+    transform = MaskedSample(transform, units[0] * units[1], opts.mask_ratio)
     return run(MIMRecipe(mae, rgb_stats), SampleDataset(source, transform), cfg)

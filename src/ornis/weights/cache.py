@@ -48,26 +48,36 @@ def base_url_for(weights: PretrainedWeights, base_url: str | None = None) -> str
     return base.replace("{name}", weights.name) if "{name}" in base else base
 
 
+def local_file(weights: PretrainedWeights, file_format: str = "pt", cache: str | os.PathLike | None = None) -> Path:
+    """Where the file is or will be: inside the package for shipped weights, else in the cache."""
+    shipped = weights.extra.get("local_path")
+    return Path(shipped) if shipped else weights_path(weights, file_format, cache)
+
+
 def is_cached(weights: PretrainedWeights, file_format: str = "pt", cache: str | os.PathLike | None = None) -> bool:
-    """Whether the file is in the cache (present; its checksum is checked when it is used)."""
-    return weights_path(weights, file_format, cache).is_file()
+    """Whether the file is on disk (in the cache, or shipped; its checksum is checked when it is used)."""
+    return local_file(weights, file_format, cache).is_file()
 
 
-def check_cached(path: Path, weights: PretrainedWeights, file_format: str = "pt", *, rehash: bool = False) -> None:
+def check_cached(
+    path: Path, weights: PretrainedWeights, file_format: str = "pt", *, rehash: bool = False, write: bool = True
+) -> None:
     """Raise ChecksumError unless the cached ``path`` has the manifest's sha256 (trusting a still-valid verified
-    marker unless ``rehash``)."""
+    marker unless ``rehash``; ``write=False`` leaves no marker, for files outside the cache)."""
     expected = weights.file(file_format).sha256
     if not rehash and download.marker_matches(path, expected):
         return
     found = sha256_file(path)
     if found != expected:
-        download.marker_path(path).unlink(missing_ok=True)
+        if write:
+            download.marker_path(path).unlink(missing_ok=True)
         raise ChecksumError(
             f"{path}: sha256 {found}, expected {expected} for {weights.name} ({file_format}); the cached file is not "
             f"the published one. Delete it (or run `ornis models download {weights.name} --force`), or load the "
             "file by its path if it is your own"
         )
-    download.write_marker(path, expected)
+    if write:
+        download.write_marker(path, expected)
 
 
 def resolve_weights(
@@ -82,6 +92,12 @@ def resolve_weights(
     """The verified local file of published weights ``name``, fetching it into the cache when it is missing."""
     weights = get_weights(name)
     expected = weights.file(file_format)
+    if weights.extra.get("local_path"):
+        # Weights shipped inside the package (ornis.assets): a few MB, hashed on every use, no marker written there
+        shipped = Path(weights.extra["local_path"])
+        if not shipped.is_file() or sha256_file(shipped) != expected.sha256:
+            raise ChecksumError(f"{shipped}: missing, or its sha256 is not {expected.sha256} ({name}); reinstall ornis")
+        return shipped
     path = weights_path(weights, file_format, cache)
     if path.is_file():
         check_cached(path, weights, file_format)
@@ -133,11 +149,11 @@ def verify_cached(names: list[str] | None = None, *, cache: str | os.PathLike | 
     for name in names or sorted(MANIFEST):
         weights = get_weights(name)
         for f in weights.files:
-            path = weights_path(weights, f.format, cache)
+            path = local_file(weights, f.format, cache)
             if not path.is_file():
                 continue
             try:
-                check_cached(path, weights, f.format, rehash=True)
+                check_cached(path, weights, f.format, rehash=True, write=not weights.extra.get("local_path"))
                 results.append(CachedFile(name, f.format, path, True, f"sha256 {f.sha256} ok"))
             except ChecksumError as e:
                 results.append(CachedFile(name, f.format, path, False, str(e)))

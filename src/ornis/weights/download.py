@@ -190,16 +190,19 @@ def fetch(
             if not marker_matches(dst, expected.sha256):
                 write_marker(dst, expected.sha256)
             return dst
-        digest = _download(
-            url,
-            part_path(dst),
-            expected,
+        settings = dict(
             show=progress_enabled(progress),
             timeout=TIMEOUT_S if timeout is None else timeout,
             retries=RETRIES if retries is None else retries,
             backoff=BACKOFF_S if backoff is None else backoff,
             dst=dst,
         )
+        resumed = part_path(dst).is_file()
+        digest = _download(url, part_path(dst), expected, **settings)
+        if digest != expected.sha256 and resumed:
+            # The leftover partial file may come from another version of the file: one clean try from zero
+            part_path(dst).unlink(missing_ok=True)
+            digest = _download(url, part_path(dst), expected, **settings)
         if digest != expected.sha256:
             part_path(dst).unlink(missing_ok=True)
             raise ChecksumError(

@@ -142,3 +142,10 @@ def find_by_sha256(digest: str) -> PretrainedWeights | None:
         if any(f.sha256 == digest for f in w.files):
             return w
     return None
+
+
+# The model that ships inside the package (ornis demo's) is an entry like any other; its module only needs the names
+# defined above, so importing it here, at the end, is safe
+from ornis.assets import register_shipped_weights  # noqa: E402
+
+register_shipped_weights()

@@ -13,11 +13,10 @@ drawn with the crops, patch size: the step), so a resumed run and a run split ov
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -252,42 +251,3 @@ def train_dino_v2(opts: DinoV2Options, cfg: TrainConfig) -> TrainResult:
     recipe = DinoV2Recipe(backbone, opts.method, opts.crops, rgb_stats, seed=cfg.seed)
     dataset = SampleDataset(open_source(opts.data, labelled=False), DinoV2Views(opts.crops, rgb_stats))
     return run(recipe, dataset, cfg)
-
-
-# -- command-line arguments ----------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dino-v2`` sub-command's own arguments (the loop's are added by ``ornis.cli.train``)."""
-    d, h, c = DinoV2Config(), HeadConfig(), MultiCropConfig()
-    g = parser.add_argument_group("DINOv2")
-    g.add_argument("--global-size", type=int, default=c.global_size, help="global crop size")
-    g.add_argument("--local-size", type=int, default=c.local_size, help="local crop size")
-    g.add_argument("--local-crops", type=int, default=c.local_crops, help="local crops per image")
-    g.add_argument("--out-dim", type=int, default=h.out_dim, help="prototypes of the DINO / iBOT head")
-    g.add_argument("--head-hidden-dim", type=int, default=h.hidden_dim)
-    g.add_argument("--head-bottleneck-dim", type=int, default=h.bottleneck_dim)
-    g.add_argument("--head-layers", type=int, default=h.num_layers)
-    g.add_argument("--separate-ibot-head", action="store_true", help="score patches with their own head")
-    g.add_argument("--centering", choices=["sinkhorn_knopp", "softmax"], default=d.centering)
-    g.add_argument("--sinkhorn-queue-size", type=int, default=d.sinkhorn_queue_size,
-                   help="earlier teacher outputs (rows per process) joining Sinkhorn-Knopp; helps small batches")
-    g.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
-    g.add_argument("--warmup-teacher-temp", type=float, default=d.warmup_teacher_temp)
-    g.add_argument("--warmup-teacher-temp-steps", type=int, default=d.warmup_teacher_temp_steps)
-    g.add_argument("--momentum-teacher", type=float, default=d.momentum_teacher)
-    g.add_argument("--dino-weight", type=float, default=d.dino_weight)
-    g.add_argument("--ibot-weight", type=float, default=d.ibot_weight)
-    g.add_argument("--koleo-weight", type=float, default=d.koleo_weight)
-    g.add_argument("--mask-probability", type=float, default=d.mask_probability)
-    g.add_argument("--freeze-last-layer-steps", type=int, default=d.freeze_last_layer_steps)
-    g.add_argument("--patch-sizes", type=int, nargs="+", help="FlexiViT: patch sizes to draw from per step")
-
-
-def options_from_args(args: argparse.Namespace) -> DinoV2Options:
-    heads = HeadConfig(args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim, args.head_layers,
-                       args.separate_ibot_head)
-    names = {f.name for f in fields(DinoV2Config)} - {"heads", "patch_sizes"}
-    method = DinoV2Config(heads=heads, patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
-                          **{k: getattr(args, k) for k in names if hasattr(args, k)})
-    crops = MultiCropConfig(args.global_size, args.local_size, args.local_crops)
-    return DinoV2Options(data=args.data, weights=args.weights, arch=args.arch, model_config=args.model_config,
-                         method=method, crops=crops)

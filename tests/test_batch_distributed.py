@@ -1,0 +1,93 @@
+"""Many processes: ``torchrun --nproc-per-node 2`` on CPU (gloo) and Ray tasks on a local Ray instance give the same
+rows as one process, each image exactly once."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import ornis
+from ornis.inference.batch import embed, make_job, read_errors
+
+PYTHON = sys.executable
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    ckpt = ornis.save_model(ornis.build_model("vit_t16", num_classes=3, size=32), root / "vit_t16_tiny.pt")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (24 + i % 7, 40, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.jpg")
+    (photos / "zero.jpg").write_bytes(b"")
+    return ckpt, photos
+
+
+@pytest.fixture(scope="module")
+def single(job_inputs, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, list[float], int, int]]:
+    ckpt, photos = job_inputs
+    out = tmp_path_factory.mktemp("single") / "out"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed([photos], model=ckpt, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return _rows(out)
+
+
+def _rows(out: Path) -> list[tuple[str, list[float], int, int]]:
+    return sorted((r["path"], r["embedding"], r["width"], r["height"]) for r in pq.read_table(out).to_pylist())
+
+
+def _assert_same_rows(found, expected) -> None:
+    assert [r[0] for r in found] == [r[0] for r in expected]  # same images, each once
+    assert [r[2:] for r in found] == [r[2:] for r in expected]
+    a, b = np.array([r[1] for r in found]), np.array([r[1] for r in expected])
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
+
+
+def test_torchrun_two_ranks_equal_one_process(job_inputs, single, tmp_path: Path) -> None:
+    ckpt, photos = job_inputs
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ornis",
+           "embed", str(photos), "-m", str(ckpt), "-o", str(out), "--shard-size", "2", "--batch-size", "2", "--workers", "0", "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_rows(_rows(out), single)
+    assert [e["path"] for e in read_errors(out)] == [str(photos / "zero.jpg")]
+    claims = [p.read_text() for p in (out / "_claims").glob("*/*")]
+    assert len(claims) == 21  # every shard claimed once in this attempt
+    ranks = {c.split()[1] for c in claims}
+    assert ranks == {"0", "1"}, "both ranks took shards"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'ornis[ray]')")
+def test_ray_tasks_equal_one_process(job_inputs, single, tmp_path: Path) -> None:
+    import ray
+
+    from ornis.inference.ray_runner import run_with_ray
+
+    ckpt, photos = job_inputs
+    job = make_job([photos], model=ckpt, out=tmp_path / "out", shard_size=2, batch_size=2, num_workers=0, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}})
+    try:
+        summary = run_with_ray(job, num_tasks=2, cpus_per_task=1)
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.errors, summary.world_size) == (40, 1, 2)
+    _assert_same_rows(_rows(tmp_path / "out"), single)

@@ -1,0 +1,144 @@
+"""``ornis models list / info / download / verify``, through the CLI's ``main``."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import ornis
+from ornis.cli.main import main
+from ornis.weights import download, manifest
+from ornis.weights.manifest import PretrainedWeights, WeightsFile
+from test_download import WeightsServer
+
+NAME = "vit_t16_cli-test"
+NETWORK = "vit_t16"
+SMALL = {"num_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "w.pt"
+    ornis.save_model(ornis.build_model(NETWORK, size=32, config=SMALL), path, config=SMALL)
+    return path.read_bytes()
+
+
+@pytest.fixture()
+def published_only(monkeypatch):
+    """Hide weights that ship inside the package (present or not, depending on the build) from verify's count."""
+    for name, w in list(manifest.MANIFEST.items()):
+        if w.extra.get("local_path"):
+            monkeypatch.delitem(manifest.MANIFEST, name)
+
+
+@pytest.fixture()
+def served(checkpoint_bytes, monkeypatch, tmp_path, published_only):
+    """A manifest entry served from a loopback server; an empty cache under tmp_path."""
+    srv = WeightsServer()
+    srv.files[f"/m/{NAME}.pt"] = checkpoint_bytes
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    weights = PretrainedWeights(
+        name=NAME,
+        network=NETWORK,
+        tag="cli-test",
+        resolution=(32, 32),
+        task="image_classification",
+        description="random weights for CLI tests",
+        files=(WeightsFile("pt", len(checkpoint_bytes) / 1e6, hashlib.sha256(checkpoint_bytes).hexdigest()),),
+        num_classes=0,
+        base_url="http://127.0.0.1:9/unused",  # never reached: the tests pass --base-url
+    )
+    monkeypatch.setitem(manifest.MANIFEST, NAME, weights)
+    monkeypatch.setenv("ORNIS_OFFLINE", "0")
+    monkeypatch.delenv("ORNIS_BASE_URL", raising=False)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    yield srv, weights, tmp_path / "cache"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_list_published_weights(capsys, tmp_path):
+    assert main(["models", "list", "--cache", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "architecture", "resolution", "format", "size", "(MB)", "cached"]
+    rows = [line.split() for line in lines[1:]]
+    by_name = {(r[0], r[3]): r for r in rows}
+    published = {n for n in manifest.MANIFEST if not manifest.MANIFEST[n].extra.get("local_path")}
+    assert len(published) == 5 and {n for n, _ in by_name} >= published
+    assert len(rows) == len(by_name) == len(manifest.MANIFEST) + 1  # hiera_abswin_base_mim in two formats
+    assert by_name[("vit_reg4_l14_nps_ls_dino-v2-lvd142m", "pt")][1:] == ["vit_reg4_l14_nps_ls", "518", "pt", "1161.2", "no"]
+    assert by_name[("hiera_abswin_base_mim", "safetensors")][4] == "192.6"
+
+
+def test_list_architectures_with_pattern(capsys):
+    assert main(["models", "list", "--architectures", "hieradet_*"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert {r[0] for r in rows} == set(ornis.list_models("hieradet_*"))
+    assert all(r[1] == "hieradet" for r in rows)
+    assert main(["models", "list", "no-such-*"]) == 1
+
+
+def test_info_published_and_architecture(capsys):
+    assert main(["models", "info", "hieradet_small_sam2_1"]) == 0
+    out = capsys.readouterr().out
+    assert "2ede3a78389ca74ed37d82dbc1c3410549f1fdafb5a7a94ac02968aa6d3dec80" in out
+    assert "https://huggingface.co/birder-project/hieradet_small_sam2_1/resolve/main/hieradet_small_sam2_1.pt" in out
+    assert "parameters (M)  33.9" in out and "1024x1024" in out
+    assert main(["models", "info", "vit_reg4_l14_nps_ls"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_reg4_l14_nps_ls_dino-v2-lvd142m" in out and "config.pos_embed_special_tokens  False" in out
+    assert main(["models", "info", "hieradet_smal"]) == 1
+    assert "did you mean" in capsys.readouterr().err
+
+
+def test_download_list_and_verify(served, capsys):
+    srv, weights, cache_root = served
+    args = ["--cache", str(cache_root)]
+    assert main(["models", "download", NAME, "--base-url", f"{srv.url}/m", "--no-progress", *args]) == 0
+    assert "sha256 verified" in capsys.readouterr().out
+    assert srv.requests == [(f"/m/{NAME}.pt", None)]
+    path = cache_root / "weights" / f"{NAME}.pt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == weights.files[0].sha256
+
+    assert main(["models", "list", NAME, *args]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "yes"
+
+    assert main(["models", "verify", *args]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 ok, 0 bad"
+
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # damage the cached file
+    assert main(["models", "verify", NAME, *args]) == 1
+    out = capsys.readouterr().out
+    assert "BAD" in out and weights.files[0].sha256 in out and out.splitlines()[-1] == "0 ok, 1 bad"
+
+    # --force drops the damaged copy and fetches the published bytes again
+    assert main(["models", "download", NAME, "--base-url", f"{srv.url}/m", "--no-progress", "--force", *args]) == 0
+    assert main(["models", "verify", *args]) == 0
+    assert len(srv.requests) == 2
+
+
+def test_download_unknown_name_fails_before_fetching(served, capsys):
+    srv, _, cache_root = served
+    assert main(["models", "download", NAME, "not-a-model", "--cache", str(cache_root), "--base-url", srv.url]) == 1
+    assert "unknown pretrained model 'not-a-model'" in capsys.readouterr().err
+    assert srv.requests == []
+
+
+def test_download_offline_explains(served, capsys, monkeypatch):
+    _, weights, cache_root = served
+    monkeypatch.setenv("ORNIS_OFFLINE", "1")
+    assert main(["models", "download", NAME, "--cache", str(cache_root)]) == 1
+    err = capsys.readouterr().err
+    assert "offline" in err and str(cache_root / "weights" / f"{NAME}.pt") in err and weights.url() in err
+
+
+def test_verify_empty_cache(capsys, tmp_path: Path, published_only):
+    assert main(["models", "verify", "--cache", str(tmp_path)]) == 0
+    assert "no published weights in the cache" in capsys.readouterr().out
