@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="vit_t16", help="architecture with random weights, when --model is not given")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--images", type=int, default=200)
-    p.add_argument("--data", type=Path, help="folder for the generated JPEGs (kept between runs; default: a temp folder)")
+    p.add_argument(
+        "--data", type=Path, help="folder for the generated JPEGs (kept between runs; default: a temp folder)"
+    )
     p.add_argument("--tar", action="store_true", help="read webdataset tars of 1000 images instead of loose files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
@@ -138,17 +140,30 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = Path(args.model) if Path(args.model).exists() else args.model
         else:
             torch.manual_seed(0)
-            checkpoint = ornis.save_model(ornis.build_model(args.arch, num_classes=0, size=args.size), scratch / f"{args.arch}_bench.pt")
+            checkpoint = ornis.save_model(
+                ornis.build_model(args.arch, num_classes=0, size=args.size), scratch / f"{args.arch}_bench.pt"
+            )
         device = torch.device(args.device)
         batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
-        options = dict(
-            device=args.device, precision=DTYPES[args.dtype], compile=args.compile, batch_size=batch_size,
-            num_workers=args.workers, progress=sys.stderr.isatty(), shard_size=1000,
-        )
+        options = {
+            "device": args.device,
+            "precision": DTYPES[args.dtype],
+            "compile": args.compile,
+            "batch_size": batch_size,
+            "num_workers": args.workers,
+            "progress": sys.stderr.isatty(),
+            "shard_size": 1000,
+        }
         out = scratch / "out"
         summary = embed(inputs, model=checkpoint, out=out, **options)
         job = make_job(inputs, model=checkpoint, out=out, **options)
-        model_rate = model_only(job, Path(checkpoint) if isinstance(checkpoint, Path) else checkpoint, batch_size, args.iters, warmup=3 if args.compile else 1)
+        model_rate = model_only(
+            job,
+            Path(checkpoint) if isinstance(checkpoint, Path) else checkpoint,
+            batch_size,
+            args.iters,
+            warmup=3 if args.compile else 1,
+        )
         steady = summary.done / summary.loop_s if summary.loop_s else 0.0
         result = {
             "model": str(args.model or args.arch),

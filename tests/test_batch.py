@@ -49,7 +49,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, 0.05)  # no zero-initialised head hiding a mistake in the classify path
-    return ornis.save_model(net, tmp_path_factory.mktemp("ckpt") / "vit_t16_tiny.pt", class_to_idx={f"bird_{i}": i for i in range(7)})
+    return ornis.save_model(
+        net, tmp_path_factory.mktemp("ckpt") / "vit_t16_tiny.pt", class_to_idx={f"bird_{i}": i for i in range(7)}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +80,20 @@ def _expected(reference, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _run(collection, checkpoint: Path, out: Path, **kw):
     root = collection[0]
-    opts = dict(shard_size=5, batch_size=3, num_workers=2, max_pixels=MAX_PIXELS, progress=False)
+    opts = {
+        "shard_size": 5,
+        "batch_size": 3,
+        "num_workers": 2,
+        "max_pixels": MAX_PIXELS,
+        "progress": False,
+        "device": "cpu",
+    }
     opts.update(kw)
     return embed([root], model=checkpoint, out=out, **opts)
 
 
 def test_folder_rows_are_exactly_the_good_images(collection, checkpoint: Path, reference, tmp_path: Path) -> None:
-    root, good, bad = collection
+    _, good, bad = collection
     summary = _run(collection, checkpoint, tmp_path / "out")
     table = pq.read_table(tmp_path / "out")
     rows = table.to_pylist()
@@ -113,7 +122,9 @@ def test_folder_rows_are_exactly_the_good_images(collection, checkpoint: Path, r
     assert [s["count"] for s in manifest["shards"]] == [5, 5, 5, 2]
     assert all(s["status"] == "done" for s in manifest["shards"])
     assert sum(s["rows"] for s in manifest["shards"]) == len(good)
-    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(4)
+    ]
 
 
 def test_resume_skips_done_and_retry_fixes_only_failed(collection, checkpoint: Path, tmp_path: Path) -> None:
@@ -148,11 +159,27 @@ def test_other_job_in_same_folder_is_refused(collection, checkpoint: Path, tmp_p
     _run(collection, checkpoint, tmp_path / "out", shard_size=50)
     with pytest.raises(OutputFolderError, match="shard_size"):
         _run(collection, checkpoint, tmp_path / "out", shard_size=7)
+    # Same path, other weights: the checkpoint's sha256 tells
+    moved = tmp_path / "vit_t16_moving.pt"
+    shutil.copy(checkpoint, moved)
+    _run(collection, moved, tmp_path / "out2", shard_size=50)
+    ornis.save_model(ornis.build_model("vit_t16", num_classes=7, size=32), moved)
+    with pytest.raises(OutputFolderError, match="sha256"):
+        _run(collection, moved, tmp_path / "out2", shard_size=50)
 
 
 def test_classify_top_k_equals_infer_image(collection, checkpoint: Path, reference, tmp_path: Path) -> None:
     root, good, _ = collection
-    classify([root / "good"], model=checkpoint, out=tmp_path / "cls", top_k=3, batch_size=4, num_workers=0, progress=False)
+    classify(
+        [root / "good"],
+        model=checkpoint,
+        out=tmp_path / "cls",
+        top_k=3,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+    )
     table = pq.read_table(tmp_path / "cls")
     assert table.num_rows == len(good)
     _, info, _ = reference
@@ -165,7 +192,7 @@ def test_classify_top_k_equals_infer_image(collection, checkpoint: Path, referen
 
 
 def test_input_kinds_give_the_same_rows(collection, checkpoint: Path, tmp_path: Path) -> None:
-    root, good, bad = collection
+    root, good, _ = collection
     files = sorted(good.values())
     # webdataset tar: key = name up to the first dot; a .json member beside each image is ignored
     tar_path = tmp_path / "shard-000.tar"
@@ -181,9 +208,14 @@ def test_input_kinds_give_the_same_rows(collection, checkpoint: Path, tmp_path: 
         w.writerow(["label", "path"])
         w.writerows([["x", os.path.relpath(p, tmp_path)] for p in files[4:8]])
     pq.write_table(pa.table({"path": [str(p) for p in files[8:]]}), tmp_path / "list.parquet")
-    opts = dict(batch_size=4, num_workers=1, progress=False, max_pixels=MAX_PIXELS)
+    opts = {"batch_size": 4, "num_workers": 1, "progress": False, "max_pixels": MAX_PIXELS, "device": "cpu"}
 
-    embed([tmp_path / "list.txt", tmp_path / "list.csv", tmp_path / "list.parquet"], model=checkpoint, out=tmp_path / "lists", **opts)
+    embed(
+        [tmp_path / "list.txt", tmp_path / "list.csv", tmp_path / "list.parquet"],
+        model=checkpoint,
+        out=tmp_path / "lists",
+        **opts,
+    )
     embed([tar_path], model=checkpoint, out=tmp_path / "tar", **opts)
     embed([str(root / "good" / "*.*")], model=checkpoint, out=tmp_path / "glob", **opts)
     by_path = {r["path"]: r["embedding"] for r in pq.read_table(tmp_path / "glob").to_pylist()}
@@ -197,7 +229,17 @@ def test_input_kinds_give_the_same_rows(collection, checkpoint: Path, tmp_path: 
 
 def test_float16_embeddings_and_feature_maps(collection, checkpoint: Path, reference, tmp_path: Path) -> None:
     root, good, _ = collection
-    embed([root / "good"], model=checkpoint, out=tmp_path / "out", embedding_dtype="float16", features="neck", shard_size=8, num_workers=0, progress=False)
+    embed(
+        [root / "good"],
+        model=checkpoint,
+        out=tmp_path / "out",
+        embedding_dtype="float16",
+        features="neck",
+        shard_size=8,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+    )
     table = pq.read_table(tmp_path / "out")
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), 192)
     feats = [np.load(p) for p in sorted((tmp_path / "out" / "_features").glob("part-*.neck.npy"))]
@@ -221,7 +263,9 @@ def test_progress_bar_shows_rate_and_eta(capsys: pytest.CaptureFixture[str]) -> 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([PYTHON, "-m", "ornis", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [PYTHON, "-m", "ornis", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def _rows(out: Path) -> list[tuple[str, list[float]]]:
@@ -236,7 +280,21 @@ def test_sigkill_midway_then_rerun_gives_the_same_rows(tmp_path: Path, checkpoin
     for i in range(60):
         Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.jpg")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff")
-    args = ["embed", str(photos), "-m", str(checkpoint), "--shard-size", "3", "--batch-size", "1", "--workers", "0", "--no-progress"]
+    args = [
+        "embed",
+        str(photos),
+        "-m",
+        str(checkpoint),
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
     whole = _cli([*args, "-o", str(tmp_path / "whole")])
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
@@ -258,3 +316,34 @@ def test_sigkill_midway_then_rerun_gives_the_same_rows(tmp_path: Path, checkpoin
     assert _rows(tmp_path / "killed") == _rows(tmp_path / "whole")
     assert len(_rows(tmp_path / "whole")) == 60
     assert [e["path"] for e in read_errors(tmp_path / "killed")] == [str(photos / "broken.jpg")]
+
+
+def test_bad_inputs_fail_before_anything_is_written(checkpoint: Path, tmp_path: Path) -> None:
+    from ornis.data.datasets import InputError
+
+    with pytest.raises(InputError, match="no such file or folder"):
+        embed([tmp_path / "missing"], model=checkpoint, out=tmp_path / "out", progress=False)
+    with pytest.raises(InputError, match="matches no file"):
+        embed([str(tmp_path / "*.jpg")], model=checkpoint, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_feature_stage_is_refused(collection, checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ornis.OrnisError, match="no feature map 'stage9'; this model has neck"):
+        _run(collection, checkpoint, tmp_path / "out", features="stage9")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_compiled_rows_match_cpu_fp32(collection, checkpoint: Path, tmp_path: Path) -> None:
+    cpu = _run(collection, checkpoint, tmp_path / "cpu")
+    gpu32 = _run(collection, checkpoint, tmp_path / "gpu32", device="cuda", precision="float32", channels_last=True)
+    gpu16 = _run(collection, checkpoint, tmp_path / "gpu16", device="cuda", precision="bfloat16", compile=True)
+    assert cpu.done == gpu32.done == gpu16.done == 12
+    ref = pq.read_table(tmp_path / "cpu").sort_by("path")
+    a = np.array(ref.column("embedding").to_pylist())
+    b = np.array(pq.read_table(tmp_path / "gpu32").sort_by("path").column("embedding").to_pylist())
+    c = np.array(pq.read_table(tmp_path / "gpu16").sort_by("path").column("embedding").to_pylist())
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-3  # TF32 / kernel differences only
+    cosine = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
+    assert cosine.min() > 0.99, cosine.min()

@@ -43,7 +43,7 @@ def single(job_inputs, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[s
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        embed([photos], model=ckpt, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False)
+        embed([photos], model=ckpt, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False, device="cpu")
     finally:
         torch.set_num_threads(before)
     return _rows(out)
@@ -64,9 +64,32 @@ def test_torchrun_two_ranks_equal_one_process(job_inputs, single, tmp_path: Path
     ckpt, photos = job_inputs
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ornis",
-           "embed", str(photos), "-m", str(ckpt), "-o", str(out), "--shard-size", "2", "--batch-size", "2", "--workers", "0", "--no-progress"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ornis",
+        "embed",
+        str(photos),
+        "-m",
+        str(ckpt),
+        "-o",
+        str(out),
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_rows(_rows(out), single)
     assert [e["path"] for e in read_errors(out)] == [str(photos / "zero.jpg")]
@@ -83,8 +106,19 @@ def test_ray_tasks_equal_one_process(job_inputs, single, tmp_path: Path) -> None
     from ornis.inference.ray_runner import run_with_ray
 
     ckpt, photos = job_inputs
-    job = make_job([photos], model=ckpt, out=tmp_path / "out", shard_size=2, batch_size=2, num_workers=0, progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}})
+    job = make_job(
+        [photos],
+        model=ckpt,
+        out=tmp_path / "out",
+        shard_size=2,
+        batch_size=2,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+    )
+    ray.init(
+        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}}
+    )
     try:
         summary = run_with_ray(job, num_tasks=2, cpus_per_task=1)
     finally:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_download import WeightsServer
 
 import ornis
 from ornis.cli.main import main
 from ornis.weights import download, manifest
 from ornis.weights.manifest import PretrainedWeights, WeightsFile
-from test_download import WeightsServer
 
 NAME = "vit_t16_cli-test"
 NETWORK = "vit_t16"
@@ -72,7 +72,13 @@ def test_list_published_weights(capsys, tmp_path):
     published = {n for n in manifest.MANIFEST if not manifest.MANIFEST[n].extra.get("local_path")}
     assert len(published) == 5 and {n for n, _ in by_name} >= published
     assert len(rows) == len(by_name) == len(manifest.MANIFEST) + 1  # hiera_abswin_base_mim in two formats
-    assert by_name[("vit_reg4_l14_nps_ls_dino-v2-lvd142m", "pt")][1:] == ["vit_reg4_l14_nps_ls", "518", "pt", "1161.2", "no"]
+    assert by_name[("vit_reg4_l14_nps_ls_dino-v2-lvd142m", "pt")][1:] == [
+        "vit_reg4_l14_nps_ls",
+        "518",
+        "pt",
+        "1161.2",
+        "no",
+    ]
     assert by_name[("hiera_abswin_base_mim", "safetensors")][4] == "192.6"
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import scale_err
 
 import ornis
-from conftest import scale_err
 from ornis.cli.main import main
 from ornis.errors import CheckpointFormatError
 from ornis.weights.checkpoint import read_checkpoint
@@ -36,7 +36,12 @@ def hf_dinov2(tmp_path_factory: pytest.TempPathFactory):
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     config = Dinov2WithRegistersConfig(
-        hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14, num_register_tokens=4
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=224,
+        patch_size=14,
+        num_register_tokens=4,
     )
     model = Dinov2WithRegistersModel(config).eval()
     perturb(model, 0)
@@ -74,7 +79,7 @@ def test_dinov2_hf_folder_via_cli(hf_dinov2, tmp_path, capsys):
     assert ckpt.network == "vit_reg4_s14_nps_ls"
     assert ckpt.config == {"num_layers": 2, "num_heads": 2, "hidden_dim": 128, "mlp_dim": 512}
     assert ckpt.rgb_stats["mean"] == (0.485, 0.456, 0.406)
-    net, info = ornis.load_pretrained_model(dst, inference=True)
+    net, _info = ornis.load_pretrained_model(dst, inference=True)
     errs = check_against_hf(net, x, out)
     assert max(errs.values()) < TOL, errs
 
@@ -136,8 +141,14 @@ def test_dinov2_large_maps_to_the_published_architecture():
             "norm.bias": torch.empty(d),
         }
         for i in range(layers):
-            for n, shape in {"norm1": (d,), "norm2": (d,), "attn.qkv": (3 * d, d), "attn.proj": (d, d),
-                             "mlp.fc1": (4 * d, d), "mlp.fc2": (d, 4 * d)}.items():  # fmt: skip
+            for n, shape in {
+                "norm1": (d,),
+                "norm2": (d,),
+                "attn.qkv": (3 * d, d),
+                "attn.proj": (d, d),
+                "mlp.fc1": (4 * d, d),
+                "mlp.fc2": (d, 4 * d),
+            }.items():
                 hub[f"blocks.{i}.{n}.weight"] = torch.empty(*shape)
                 hub[f"blocks.{i}.{n}.bias"] = torch.empty(shape[0])
             hub[f"blocks.{i}.ls1.gamma"] = torch.empty(d)
@@ -164,8 +175,13 @@ def sam2_converted(tmp_path_factory: pytest.TempPathFactory):
     beside it), converted through the CLI and loaded by ornis."""
     from sam2.modeling.backbones.hieradet import Hiera
 
-    trunk = Hiera(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2), global_att_blocks=(7, 10, 13),
-                  window_pos_embed_bkg_spatial_size=(7, 7)).eval()  # fmt: skip  (sam2.1_hiera_s.yaml)
+    trunk = Hiera(
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 11, 2),
+        global_att_blocks=(7, 10, 13),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+    ).eval()  # sam2.1_hiera_s.yaml
     perturb(trunk, 2)
     model = {f"image_encoder.trunk.{k}": v for k, v in trunk.state_dict().items()}
     model["image_encoder.neck.convs.0.conv.weight"] = torch.zeros(256, 768, 1, 1)

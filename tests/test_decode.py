@@ -32,7 +32,10 @@ def make_good_images(folder: Path) -> dict[str, Path]:
         "cmyk_jpeg": ("cmyk.jpg", _bytes(base.convert("CMYK"), "JPEG", quality=90)),
         "gray_png": ("gray.png", _bytes(base.convert("L"), "PNG")),
         "palette_png": ("palette.png", _bytes(base.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")),
-        "palette_transparent_gif": ("transparent.gif", _bytes(base.convert("P", palette=Image.Palette.ADAPTIVE), "GIF", transparency=0)),
+        "palette_transparent_gif": (
+            "transparent.gif",
+            _bytes(base.convert("P", palette=Image.Palette.ADAPTIVE), "GIF", transparency=0),
+        ),
         "rgba_png": ("rgba.png", _bytes(_with_alpha(base), "PNG")),
         "la_png": ("la.png", _bytes(_with_alpha(base).convert("LA"), "PNG")),
         "gray16_png": ("gray16.png", _bytes(Image.fromarray(_ramp16()), "PNG")),
@@ -68,7 +71,13 @@ def make_bad_images(folder: Path) -> dict[str, Path]:
     return out
 
 
-BAD_REASONS = {"empty": "empty", "truncated": "truncated", "corrupt": "corrupt", "not_an_image": "not an image", "bomb": "decompression bomb"}
+BAD_REASONS = {
+    "empty": "empty",
+    "truncated": "truncated",
+    "corrupt": "corrupt",
+    "not_an_image": "not an image",
+    "bomb": "decompression bomb",
+}
 
 
 def _with_alpha(image: Image.Image) -> Image.Image:

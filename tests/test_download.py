@@ -37,6 +37,7 @@ class WeightsServer(ThreadingHTTPServer):
         self.ignore_range = False
         self.corrupt = False
         self.delay_per_chunk = 0.0
+        self.stall_once = 0.0  # seconds to go silent after the first chunk, once (a stalled connection)
         self.bytes_sent = 0
         self.requests: list[tuple[str, str | None]] = []
         self.lock = threading.Lock()
@@ -93,6 +94,10 @@ class _Handler(BaseHTTPRequestHandler):
                     srv.bytes_sent += len(chunk)
                 if srv.delay_per_chunk:
                     time.sleep(srv.delay_per_chunk)
+                with srv.lock:
+                    stall, srv.stall_once = srv.stall_once, 0.0
+                if stall:
+                    time.sleep(stall)
         except (BrokenPipeError, ConnectionResetError):
             return
         if limit < len(body):
@@ -190,6 +195,16 @@ def test_partial_file_from_an_earlier_run_is_resumed(entry, server, checkpoint_b
     assert server.bytes_sent == len(checkpoint_bytes) - 300_000
 
 
+def test_stalled_connection_times_out_and_resumes(entry, server, checkpoint_bytes, monkeypatch):
+    monkeypatch.setattr(download, "TIMEOUT_S", 0.3)
+    server.stall_once = 2.0
+    t0 = time.monotonic()
+    path = cache.resolve_weights(NAME, progress=False)
+    assert time.monotonic() - t0 < 2.0  # the client gave up on the silent connection instead of waiting it out
+    assert len(server.requests) == 2 and server.requests[1][1] == "bytes=65536-"
+    assert path.read_bytes() == checkpoint_bytes
+
+
 def test_server_that_ignores_range_restarts_cleanly(entry, server, checkpoint_bytes, tmp_path):
     part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
     part.parent.mkdir(parents=True)
@@ -276,7 +291,7 @@ def test_cached_file_not_in_manifest_loads_only_by_path(entry, server, tmp_path)
     ornis.save_model(ornis.build_model(NETWORK, size=32, num_classes=3, config=SMALL), path, config=SMALL)
     with pytest.raises(ChecksumError, match="expected " + entry.files[0].sha256):
         ornis.load_pretrained_model(NAME)
-    net, info = ornis.load_pretrained_model(path)  # the explicit path is the user's choice
+    _net, info = ornis.load_pretrained_model(path)  # the explicit path is the user's choice
     assert info.path == path
     results = cache.verify_cached([NAME])
     assert [(r.name, r.ok) for r in results] == [(NAME, False)]

@@ -223,7 +223,7 @@ def test_cli_export_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     from ornis.cli.main import main
 
     net = small_model("vit")
-    ckpt = ornis.save_model(net, tmp_path / "vit_reg4_t16_mine.pt", class_to_idx=CLASSES)
+    ckpt = ornis.save_model(net, tmp_path / "vit_reg4_t16_mine.pt", class_to_idx=CLASSES, config=FAMILIES["vit"][1])
     out = tmp_path / "out" / "vit.pt2"
     code = main(["export", str(ckpt), "-o", str(out), "--output", "logits", "--batch", "2"])
     assert code == 0

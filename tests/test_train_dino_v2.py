@@ -28,6 +28,7 @@ from ornis.weights.checkpoint import read_checkpoint
 CROPS = MultiCropConfig(global_size=64, local_size=32, local_crops=2)
 HEADS = HeadConfig(out_dim=16, hidden_dim=64, bottleneck_dim=32)
 TINY = {"num_layers": 2}  # vit_t16 / flexivit_t16 widths, two blocks
+TINY_HIERADET = {"depths": (1, 1, 1, 1), "global_att_blocks": (), "embed_dim": 32}  # one block a stage, 32..256 wide
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +67,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _recipe(arch: str = "vit_t16", **method) -> DinoV2Recipe:
     torch.manual_seed(0)
-    net = ornis.build_model(arch, size=CROPS.global_size, config=TINY)
+    net = ornis.build_model(arch, size=CROPS.global_size, config=TINY_HIERADET if "hieradet" in arch else TINY)
     cfg = DinoV2Config(heads=HEADS, teacher_temp=0.04, momentum_teacher=0.99, **method)
     return DinoV2Recipe(net, cfg, CROPS, seed=0)
 
@@ -93,6 +94,7 @@ def test_loss_goes_down(image_folder: Path) -> None:
     [
         ("vit_t16", {"centering": "sinkhorn_knopp", "sinkhorn_queue_size": 8}),
         ("flexivit_t16", {"centering": "softmax", "freeze_last_layer_steps": 2}),
+        ("hieradet_d_tiny", {"centering": "sinkhorn_knopp"}),
     ],
 )
 def test_resume_repeats_the_uninterrupted_losses(image_folder: Path, tmp_path: Path, arch: str, method: dict) -> None:
@@ -116,6 +118,40 @@ def test_flexivit_draws_a_valid_patch_size_per_step() -> None:
     assert set(drawn) == {8, 16, 32}
     assert drawn == [recipe.patch_size_at(s) for s in range(30)]  # a function of (seed, step)
     assert _recipe("vit_t16").patch_size_at(0) is None
+
+
+@pytest.mark.parametrize("arch", ["vit_t16", "flexivit_t16", "hieradet_d_tiny"])
+def test_masked_forward(arch: str) -> None:
+    """Without a mask the student's encoding is the backbone's own; masked cells change it, through the token."""
+    from ornis.train.dino_v2.backbones import encode, mask_grid
+
+    recipe = _recipe(arch)
+    net = recipe.model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    grid = mask_grid(net.backbone, (64, 64), 16 if "vit" in arch else None)
+    assert grid == ((4, 4) if "vit" in arch else (2, 2))
+    none = torch.zeros(2, grid[0] * grid[1], dtype=torch.bool)
+    with torch.no_grad():
+        emb, patches = encode(net.backbone, x, none, net.mask_token)
+        torch.testing.assert_close(emb, net.backbone.embedding(x))
+        assert patches.shape[:2] == (2, grid[0] * grid[1])
+        some = none.clone()
+        some[0, 1] = True
+        net.mask_token.fill_(0.5)
+        emb2, patches2 = encode(net.backbone, x, some, net.mask_token)
+    torch.testing.assert_close(emb2[1], emb[1])  # the unmasked image is untouched
+    assert not torch.allclose(emb2[0], emb[0])
+
+
+def test_hieradet_checkpoint_loads_and_embeds(image_folder: Path, tmp_path: Path) -> None:
+    recipe = _recipe("hieradet_d_tiny")
+    result = run(recipe, _dataset(image_folder), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0,
+                                                             output_dir=tmp_path))
+    assert all(math.isfinite(e["loss"]) for e in result.logs)
+    net, _ = ornis.load_pretrained_model(result.checkpoint, inference=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.embedding(x), recipe.teacher.backbone.eval().embedding(x))
 
 
 def test_batch_of_near_duplicates_stays_finite() -> None:
@@ -210,7 +246,7 @@ def test_torchrun_two_processes_match_one(image_folder: Path, tmp_path: Path) ->
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(image_folder), out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

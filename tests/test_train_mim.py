@@ -20,6 +20,7 @@ from ornis.train.mim import (
     train_mim,
     units_to_tokens,
 )
+from test_train_loop import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_train_loop import STATS, TINY_VIT, make_shapes
 
 TINY_HIERA = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, drop_path_rate=0.0)
@@ -88,7 +89,6 @@ def test_encoder_sees_only_the_visible_tokens():
         assert torch.allclose(a, c, atol=1e-6), net.name
 
 
-@pytest.mark.slow  # ~30 s on 2 busy CPU cores
 @pytest.mark.parametrize("arch", ["vit", "hiera"])
 def test_loss_goes_down_on_an_unlabelled_folder(tmp_path, photos_folder, arch):
     if arch == "vit":
@@ -109,7 +109,6 @@ def test_loss_goes_down_on_an_unlabelled_folder(tmp_path, photos_folder, arch):
     assert not any(k.startswith("decoder") for k in ornis.read_checkpoint(result.checkpoint).state)
 
 
-@pytest.mark.slow  # ~15 s on 2 busy CPU cores
 def test_resume_gives_the_same_losses_and_continue_from_a_checkpoint(tmp_path, photos_folder):
     from ornis.models import build_model
 

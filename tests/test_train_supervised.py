@@ -12,6 +12,7 @@ import ornis
 from ornis.train.data import SampleDataset, eval_transform, open_source, train_transform
 from ornis.train.loop import TrainConfig, run
 from ornis.train.supervised import ClassifyOptions, ClassifyRecipe, evaluate_topk, train_classifier
+from test_train_loop import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from test_train_loop import STATS, TINY_VIT, make_shapes, write_shards
 
 CLASSES = {"circle": 0, "square": 1, "triangle": 2}
@@ -23,7 +24,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_shapes(root / "train", per_class=12, seed=0), make_shapes(root / "val", per_class=6, seed=1)
 
 
-@pytest.mark.slow  # ~25 s on 2 busy CPU cores
 def test_loss_goes_down_and_validation_top1(tmp_path, data):
     train, val = data
     opts = ClassifyOptions(train=train, val=val, arch="vit_t16", size=32, model_config=TINY_VIT, auto_augment=None,
@@ -56,7 +56,6 @@ def _recipe(classes: dict[str, int], seed: int) -> ClassifyRecipe:
     return ClassifyRecipe(net, classes, STATS, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
 
 
-@pytest.mark.slow  # ~15 s on 2 busy CPU cores
 def test_resume_gives_the_same_losses(tmp_path, data):
     """Stop after step 3 and resume: steps 4.. equal an uninterrupted run exactly, with every random part on
     (RandAugment, mixup/cutmix, drop-path, EMA, gradient accumulation)."""

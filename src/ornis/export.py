@@ -420,7 +420,13 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if fmt == "onnx":
         extra = dict(load_onnx_session(path).get_modelmeta().custom_metadata_map)
     else:
-        extra = _load_with_meta(path, fmt, "cpu")[1]
+        # Both torch formats keep extra files as <archive>/extra/<key>: read them without loading the model
+        with zipfile.ZipFile(path) as archive:
+            extra = {
+                parts[2]: archive.read(name).decode()
+                for name in archive.namelist()
+                if len(parts := name.split("/")) == 3 and parts[1] == "extra" and parts[2] in META_KEYS
+            }
     return _parse_metadata(extra, path)
 
 

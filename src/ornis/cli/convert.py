@@ -11,7 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert upstream checkpoints (SAM 2, DINOv2) to ornis files")
     kinds = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
 
-    sam2 = kinds.add_parser("sam2", help="SAM 2 / 2.1 checkpoint (sam2.1_hiera_*.pt) -> hieradet_* (image-encoder trunk)")
+    sam2 = kinds.add_parser(
+        "sam2", help="SAM 2 / 2.1 checkpoint (sam2.1_hiera_*.pt) -> hieradet_* (image-encoder trunk)"
+    )
     sam2.add_argument("src", help="the SAM 2 .pt file")
     sam2.add_argument("-o", "--output", required=True, help="the .pt or .safetensors file to write")
     sam2.add_argument("--network", help="hieradet variant (default: the one matching the trunk's depths and width)")

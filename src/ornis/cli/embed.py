@@ -17,7 +17,12 @@ def register(subparsers: Any) -> None:
             description=f"Write {what} of every image of INPUT to OUT/part-NNNNN.parquet. Running the same command "
             "again resumes; under torchrun every rank takes shards.",
         )
-        p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, glob patterns, .txt/.csv/.parquet file lists, webdataset .tar shards")
+        p.add_argument(
+            "inputs",
+            nargs="+",
+            metavar="INPUT",
+            help="folders, glob patterns, .txt/.csv/.parquet file lists, webdataset .tar shards",
+        )
         p.add_argument("-m", "--model", required=True, help="published weights name or checkpoint path")
         p.add_argument("-o", "--out", required=True, help="output folder")
         if task == "classify":
@@ -30,14 +35,25 @@ def register(subparsers: Any) -> None:
         p.add_argument("--workers", type=int, help="decoding processes per device (default from the CPU count)")
         p.add_argument("--shard-size", type=int, default=1000, help="loose files per shard (a .tar is one shard)")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when there is a GPU)")
-        p.add_argument("--precision", default="auto", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16")
+        p.add_argument(
+            "--precision", default="auto", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16"
+        )
         p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
         p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: as infer_image)")
-        p.add_argument("--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)")
+        p.add_argument(
+            "--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)"
+        )
         p.add_argument("--max-pixels", type=int, help="larger images are listed as decompression bombs")
         p.add_argument("--retry-errors", action="store_true", help="re-try only the files that failed in earlier runs")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar on stderr (default: on a terminal)")
-        p.add_argument("--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process")
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress bar on stderr (default: on a terminal)",
+        )
+        p.add_argument(
+            "--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process"
+        )
         p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
         p.add_argument("--ray-workers", type=int, help="Ray tasks (default: one per GPU, else 1)")
         p.set_defaults(func=run, task=task)

@@ -117,6 +117,10 @@ class MaskedImageModelling:
         return 0
 
 
+DESCRIPTION = """Train or fine-tune an encoder with one of the recipes below. Every recipe writes checkpoints in the
+published format (ornis.load_pretrained_model(path) and `ornis embed` read them) plus a *_states.pt file to resume
+from (--resume). For several GPUs: torchrun --nproc-per-node N $(which ornis) train RECIPE ..."""
+
 # recipe name -> an object or the dotted name of a module with add_arguments(parser) and run(args)
 RECIPES: dict[str, Any] = {
     "classify": Classify,
@@ -140,7 +144,7 @@ def _report(result: Any, metrics: dict[str, float] | None) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train or fine-tune encoders (classify, mim, ...)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     recipes = parser.add_subparsers(dest="recipe", metavar="RECIPE")
     for name, recipe in RECIPES.items():
         impl = importlib.import_module(recipe) if isinstance(recipe, str) else recipe

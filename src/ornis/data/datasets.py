@@ -22,10 +22,10 @@ import os
 import tarfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,11 +84,14 @@ def plan_shards(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> 
     seen: set[str] = set()
     for kind, path in _expand(inputs):
         if kind == "tar":
-            tars.append(path)
+            if path not in tars:
+                tars.append(path)
         elif path not in seen:
             seen.add(path)
             files.append(Item(path, path))
-    shards = [Shard(i, "files", tuple(files[s : s + shard_size])) for i, s in enumerate(range(0, len(files), shard_size))]
+    shards = [
+        Shard(i, "files", tuple(files[s : s + shard_size])) for i, s in enumerate(range(0, len(files), shard_size))
+    ]
     problems = []
     for tar in tars:
         try:
@@ -121,7 +124,9 @@ def _expand(inputs: Iterable[str | os.PathLike]) -> Iterable[tuple[str, str]]:
                 raise InputError(f"{text}: the pattern matches no file")
             yield from _expand(m for m in matches if Path(m).is_dir() or is_image_name(m) or m.endswith(".tar"))
         else:
-            raise InputError(f"{text}: no such file or folder (expected a folder, an image, a glob pattern, a .tar shard or a {'/'.join(LIST_SUFFIXES)} file list)")
+            raise InputError(
+                f"{text}: no such file or folder (expected a folder, an image, a glob pattern, a .tar shard or a {'/'.join(LIST_SUFFIXES)} file list)"
+            )
 
 
 def _walk(folder: Path) -> Iterable[tuple[str, str]]:
@@ -152,7 +157,9 @@ def read_file_list(path: Path) -> list[str]:
         names = [n.lower() for n in table.column_names]
         column = next((table.column_names[names.index(c)] for c in PATH_COLUMNS if c in names), None)
         if column is None:
-            raise InputError(f"{path}: expected a column named one of {', '.join(PATH_COLUMNS)}, found {', '.join(table.column_names)}")
+            raise InputError(
+                f"{path}: expected a column named one of {', '.join(PATH_COLUMNS)}, found {', '.join(table.column_names)}"
+            )
         entries = [str(v) for v in table.column(column).to_pylist() if v]
     base = path.parent
     return [e if os.path.isabs(e) else os.path.join(base, e) for e in entries]
@@ -208,10 +215,12 @@ class ShardDataset(Dataset):
     ``transform`` runs on the decoded RGB PIL image in the worker (the CPU part of the preprocessing).
     """
 
-    def __init__(self, plan_path: Path, transform: Callable[[Any], torch.Tensor], options: DecodeOptions = DecodeOptions()) -> None:
+    def __init__(
+        self, plan_path: Path, transform: Callable[[Any], torch.Tensor], options: DecodeOptions | None = None
+    ) -> None:
         self.plan_path = Path(plan_path)
         self.transform = transform
-        self.options = options
+        self.options = options or DecodeOptions()
         self._shards: OrderedDict[int, list[Item]] = OrderedDict()
         self._tar: tuple[str, Any] | None = None
 
@@ -244,7 +253,7 @@ class ShardDataset(Dataset):
         if self._tar is None or self._tar[0] != item.path:
             if self._tar is not None:
                 self._tar[1].close()
-            self._tar = (item.path, open(item.path, "rb"))
+            self._tar = (item.path, open(item.path, "rb"))  # noqa: SIM115 - kept open across samples, closed on switch
         f = self._tar[1]
         f.seek(item.offset)
         data = f.read(item.size)

@@ -12,7 +12,8 @@ so that batch rows equal ``infer_image``'s output:
 - EXIF orientation is ignored by default (as ``infer_image`` does); ``exif_transpose=True`` applies it.
 
 Bad files raise ``ImageDecodeError`` with a short reason: empty (0 bytes), not an image, truncated, corrupt,
-decompression bomb (more pixels than ``max_pixels``).
+decompression bomb (more pixels than ``max_pixels``; ``decode_image`` also sets Pillow's global
+``Image.MAX_IMAGE_PIXELS`` to it and turns ``DecompressionBombWarning`` into an error).
 """
 
 from __future__ import annotations
@@ -33,8 +34,33 @@ from ornis.errors import OrnisError
 DEFAULT_MAX_PIXELS = 89_478_485
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-     ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".sgi", ".pcx", ".psd"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".bmp",
+        ".dib",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".ico",
+        ".jp2",
+        ".j2k",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".sgi",
+        ".pcx",
+        ".psd",
+    }
 )
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -64,7 +90,9 @@ class DecodedImage(NamedTuple):
     height: int
 
 
-def decode_image(data: bytes | str | os.PathLike, options: DecodeOptions = DecodeOptions(), source: str | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes | str | os.PathLike, options: DecodeOptions = DecodeOptions(), source: str | None = None
+) -> DecodedImage:
     """Bytes or a path -> an RGB PIL image and its size; ``ImageDecodeError`` for anything that is not a usable image."""
     if source is None:
         source = "<bytes>" if isinstance(data, bytes) else os.fspath(data)

@@ -33,10 +33,10 @@ def _distinct_colour(rng: np.random.Generator, other: tuple[int, int, int], min_
 
 def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple[int, int, int]]:
     base = np.array(_random_colour(rng), dtype=np.float32)
-    tilt = rng.normal(0, 25, size=(2, 3)).astype(np.float32)
+    tilt = rng.normal(0, 15, size=(2, 3)).astype(np.float32)
     ramp = np.linspace(-1, 1, size, dtype=np.float32)
     img = base + ramp[:, None, None] * tilt[0] + ramp[None, :, None] * tilt[1]
-    img += rng.normal(0, 10, size=(size, size, 3)).astype(np.float32)
+    img += rng.normal(0, 6, size=(size, size, 3)).astype(np.float32)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), tuple(int(v) for v in base)
 
 
@@ -74,7 +74,7 @@ def render_shape(label: int, rng: np.random.Generator, size: int = 64) -> Image.
     img, bg = _background(rng, size)
     fg = _distinct_colour(rng, bg)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.16, 0.34) * size
+    r = rng.uniform(0.22, 0.36) * size
     cx, cy = rng.uniform(r, size - r, size=2)
     angle = rng.uniform(0, 2 * math.pi)
     if kind in ("stripes", "checker", "dots"):
@@ -104,11 +104,11 @@ def render_shape(label: int, rng: np.random.Generator, size: int = 64) -> Image.
         draw.polygon(_rotated(bar1, cx, cy, angle), fill=fg)
         draw.polygon(_rotated(bar2, cx, cy, angle), fill=fg)
     # Clutter: small blobs of random colours that belong to no class
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         br = rng.uniform(1.5, 3.5)
         bx, by = rng.uniform(0, size, size=2)
         draw.ellipse([bx - br, by - br, bx + br, by + br], fill=_random_colour(rng))
-    if rng.random() < 0.3:
+    if rng.random() < 0.15:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
     return img
 

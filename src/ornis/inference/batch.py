@@ -14,7 +14,7 @@ The output folder holds
   (the top k, best first), then ``width`` and ``height`` of the decoded image. The file metadata holds the model
   name, the checkpoint's sha256, the task and the preprocessing (keys ``ornis.*``). Rows are in input order.
 - ``_manifest.json``: the job, the shards and their status (rewritten atomically, under a lock).
-- ``_errors.jsonl``: one line a file that was skipped, ``{"path", "reason", "shard"}``.
+- ``_errors.jsonl``: one line a file that was skipped, ``{"path", "reason", "shard", "index"}``.
 - ``_plan.parquet`` (the samples of each shard), ``_errors/`` (each shard's errors), ``_features/``
   (``features=STAGE``: ``part-NNNNN.STAGE.npy``, rows as in the part file) and ``_claims/``.
 
@@ -48,7 +48,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ornis.data.datasets import Item, ShardDataset, collate_samples, plan_shards, read_plan_shard, write_plan
+from ornis.data.datasets import ShardDataset, collate_samples, plan_shards, read_plan_shard, write_plan
 from ornis.data.decode import DecodeOptions
 from ornis.data.transforms import classification_transform
 from ornis.errors import OrnisError
@@ -93,7 +93,7 @@ class BatchJob:
     shard_size: int = 1000
     embedding_dtype: str = "float32"
     features: str | None = None
-    decode: DecodeOptions = DecodeOptions()
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
     network: str | None = None
     precision: str = "auto"  # bf16 autocast on CUDA, float32 on CPU
     batch_size: int | None = None  # 256 on CUDA, 32 on CPU
@@ -173,20 +173,37 @@ class BatchSummary:
 
 
 # -- public entry points ------------------------------------------------------------------------------------------
-def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], *, model: str | os.PathLike, out: str | os.PathLike, **options: Any) -> BatchSummary:
+def embed(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    **options: Any,
+) -> BatchSummary:
     """Embed every image of ``inputs`` (folders, globs, file lists, ``.tar`` shards) with ``model`` (a published
     name or a checkpoint path) into Parquet parts under ``out``. ``options`` are the other ``BatchJob`` fields."""
     return run_batch(make_job(inputs, model=model, out=out, task="embed", **options))
 
 
 def classify(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], *, model: str | os.PathLike, out: str | os.PathLike, top_k: int = 5, **options: Any
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    top_k: int = 5,
+    **options: Any,
 ) -> BatchSummary:
     """Like ``embed``, writing the top ``top_k`` labels and probabilities of each image instead."""
     return run_batch(make_job(inputs, model=model, out=out, task="classify", top_k=top_k, **options))
 
 
-def make_job(inputs: str | os.PathLike | Sequence[str | os.PathLike], *, model: str | os.PathLike, out: str | os.PathLike, **options: Any) -> BatchJob:
+def make_job(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    **options: Any,
+) -> BatchJob:
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     decode = options.pop("decode", None) or DecodeOptions(
@@ -195,7 +212,9 @@ def make_job(inputs: str | os.PathLike | Sequence[str | os.PathLike], *, model: 
         **({"max_pixels": options.pop("max_pixels")} if options.get("max_pixels") else {}),
     )
     options.pop("max_pixels", None)
-    return BatchJob(inputs=tuple(os.fspath(i) for i in inputs), out=os.fspath(out), model=os.fspath(model), decode=decode, **options)
+    return BatchJob(
+        inputs=tuple(os.fspath(i) for i in inputs), out=os.fspath(out), model=os.fspath(model), decode=decode, **options
+    )
 
 
 def run_batch(job: BatchJob) -> BatchSummary:
@@ -207,7 +226,7 @@ def run_batch(job: BatchJob) -> BatchSummary:
         if dist.rank == 0:
             try:
                 resumed = prepare_output(job)
-            except Exception as e:  # the other ranks must not wait for a plan that will never come
+            except Exception as e:  # noqa: BLE001 - the other ranks must not wait for a plan that will never come
                 failure = e
         if not dist.all_ok(failure is None):
             if failure is not None:
@@ -228,32 +247,41 @@ def run_batch(job: BatchJob) -> BatchSummary:
 def prepare_output(job: BatchJob) -> int:
     """Plan the shards (or check that the folder holds this same job), start a new claim attempt, and return how
     many images earlier runs already did. Runs once per job, in rank 0 or the Ray driver."""
-    from ornis.loading import load_pretrained_model  # noqa: F401 - fail on a bad model name before planning
     from ornis.weights.checkpoint import sha256_file
 
     out = Path(job.out)
+    model_path = _model_path(job)
+    identity = job.identity()
+    sha = sha256_file(model_path)  # once a run, here only: the workers read it from the manifest
+    # A bad input fails here, before the output folder is made
+    planned = plan_shards(job.inputs, job.shard_size) if not (out / MANIFEST).exists() else None
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp"):
         tmp.unlink()
-    model_path = _model_path(job)
-    identity = job.identity()
     with _manifest_lock(out):
         manifest = _read_manifest(out)
         if manifest is not None:
             _check_same_job(out, manifest["job"], identity)
-            sha = manifest["checkpoint_sha256"]
+            if manifest["checkpoint_sha256"] != sha:
+                raise OutputFolderError(
+                    f"{out} was written with a checkpoint of sha256 {manifest['checkpoint_sha256']}, but {model_path} "
+                    f"now has sha256 {sha}; use another output folder"
+                )
         else:
-            sha = sha256_file(model_path)
-            shards, problems = plan_shards(job.inputs, job.shard_size)
+            shards, problems = planned or plan_shards(job.inputs, job.shard_size)
             write_plan(shards, out / PLAN)
             (out / "_errors").mkdir(exist_ok=True)
-            _write_jsonl(out / "_errors" / "plan.jsonl", [{"path": p.key, "reason": p.reason, "shard": None} for p in problems])
+            _write_jsonl(
+                out / "_errors" / "plan.jsonl", [{"path": p.key, "reason": p.reason, "shard": None} for p in problems]
+            )
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "job": identity,
                 "checkpoint": os.fspath(model_path),
                 "checkpoint_sha256": sha,
-                "shards": [{"id": s.id, "source": s.source, "count": len(s.items), "status": "pending"} for s in shards],
+                "shards": [
+                    {"id": s.id, "source": s.source, "count": len(s.items), "status": "pending"} for s in shards
+                ],
             }
         _reconcile(out, manifest)
         attempt = uuid.uuid4().hex[:12]
@@ -279,7 +307,9 @@ def _model_path(job: BatchJob) -> Path:
 def _check_same_job(out: Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
     diff = [f"{k}: folder has {found.get(k)!r}, this run {v!r}" for k, v in expected.items() if found.get(k) != v]
     if diff:
-        raise OutputFolderError(f"{out} holds the results of another job ({'; '.join(diff)}); use another output folder")
+        raise OutputFolderError(
+            f"{out} holds the results of another job ({'; '.join(diff)}); use another output folder"
+        )
 
 
 def _reconcile(out: Path, manifest: dict[str, Any]) -> None:
@@ -287,14 +317,20 @@ def _reconcile(out: Path, manifest: dict[str, Any]) -> None:
     for shard in manifest["shards"]:
         part = out / part_name(shard["id"])
         if part.exists():
-            shard.update(status="done", rows=pq.ParquetFile(part).metadata.num_rows, errors=len(_read_jsonl(_errors_path(out, shard["id"]))))
+            shard.update(
+                status="done",
+                rows=pq.ParquetFile(part).metadata.num_rows,
+                errors=len(_read_jsonl(_errors_path(out, shard["id"]))),
+            )
         else:
             shard.update(status="pending")
             shard.pop("rows", None)
             shard.pop("errors", None)
 
 
-def finalize_output(job: BatchJob, totals: WorkerStats, *, skipped: int, world_size: int, started: float) -> BatchSummary:
+def finalize_output(
+    job: BatchJob, totals: WorkerStats, *, skipped: int, world_size: int, started: float
+) -> BatchSummary:
     out = Path(job.out)
     manifest = _read_manifest(out)
     assert manifest is not None
@@ -375,7 +411,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_errors(out: str | os.PathLike) -> list[dict[str, Any]]:
-    """The errors file of an output folder: ``[{"path", "reason", "shard"}, ...]``."""
+    """The errors file of an output folder: ``[{"path", "reason", "shard", "index"}, ...]``."""
     return _read_jsonl(Path(out) / ERRORS)
 
 
@@ -387,7 +423,14 @@ class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
     span two shards, so their make-up (and the floating-point result) does not depend on which rank ran them."""
 
     def __init__(
-        self, out: Path, manifest: dict[str, Any], batch_size: int, *, retry_errors: bool, shard_ids: Sequence[int] | None = None, rank: int = 0
+        self,
+        out: Path,
+        manifest: dict[str, Any],
+        batch_size: int,
+        *,
+        retry_errors: bool,
+        shard_ids: Sequence[int] | None = None,
+        rank: int = 0,
     ) -> None:
         self.out = out
         self.rank = rank
@@ -441,15 +484,20 @@ def run_worker(
     manifest = _read_manifest(out)
     if manifest is None:
         raise OutputFolderError(f"{out}: no {MANIFEST}; call prepare_output(job) first")
-    device = torch.device(job.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        job.device or (f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     net, info = load_pretrained_model(job.model, inference=True, network=job.network, device=device)
     runner = ModelRunner(net, info, job, device)
     batch_size = job.batch_size or (256 if device.type == "cuda" else 32)
-    sampler = ClaimingBatchSampler(out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids, rank=rank)
+    sampler = ClaimingBatchSampler(
+        out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids, rank=rank
+    )
     dataset = ShardDataset(out / PLAN, runner.cpu_transform, job.decode)
-    workers = default_num_workers(device, world_size) if job.num_workers is None else job.num_workers
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    workers = default_num_workers(device, per_node) if job.num_workers is None else job.num_workers
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -508,7 +556,9 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def split_transform(transform: Callable[[Any], torch.Tensor]) -> tuple[Callable[[Any], torch.Tensor], tuple[list[float], list[float]] | None]:
+def split_transform(
+    transform: Callable[[Any], torch.Tensor],
+) -> tuple[Callable[[Any], torch.Tensor], tuple[list[float], list[float]] | None]:
     """A ``classification_transform`` cut before its uint8 -> float scaling and normalisation, which then run on the
     model's device as the same torchvision functions. Returns (worker part, (mean, std)); other transforms are
     returned whole with ``None``."""
@@ -546,6 +596,11 @@ class ModelRunner:
             **asdict(job.decode),
         }
         self.idx_to_class = {v: k for k, v in info.class_to_idx.items()}
+        stages = list(getattr(net, "return_stages", []))
+        if job.features and job.features not in stages:
+            raise OrnisError(
+                f"{job.model}: no feature map {job.features!r}; this model has {', '.join(stages) or 'none'}"
+            )
         if job.task == "classify" and getattr(net, "num_classes", 0) < 1:
             raise OrnisError(f"{job.model}: the model has no classification head (num_classes=0); use embed")
         precision = job.precision
@@ -584,7 +639,10 @@ class ModelRunner:
             # Pad the short last batch of a shard to the usual size so the compiled graph is reused
             x = torch.cat([x, x[-1:].expand(self.max_batch - n, *x.shape[1:])])
         self.max_batch = max(self.max_batch, n)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=getattr(torch, self.precision), enabled=self.autocast):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=getattr(torch, self.precision), enabled=self.autocast),
+        ):
             res = self.step(x)
             outputs: dict[str, torch.Tensor] = {}
             if self.job.task == "embed":
@@ -614,7 +672,9 @@ class ShardWriter:
     """Collects rows per shard and commits a shard (errors, features, then the part file by rename) once all of its
     samples have come back from the DataLoader."""
 
-    def __init__(self, out: Path, job: BatchJob, manifest: dict[str, Any], runner: ModelRunner, sampler: ClaimingBatchSampler) -> None:
+    def __init__(
+        self, out: Path, job: BatchJob, manifest: dict[str, Any], runner: ModelRunner, sampler: ClaimingBatchSampler
+    ) -> None:
         self.out = out
         self.job = job
         self.runner = runner
@@ -633,7 +693,9 @@ class ShardWriter:
 
     def add(self, batch: dict[str, Any], results: dict[str, np.ndarray]) -> int:
         touched = set()
-        for j, (shard, index, key, w, h) in enumerate(zip(batch["shard"], batch["index"], batch["key"], batch["width"], batch["height"])):
+        for j, (shard, index, key, w, h) in enumerate(
+            zip(batch["shard"], batch["index"], batch["key"], batch["width"], batch["height"])
+        ):
             self.rows.setdefault(shard, []).append((index, key, w, h, {k: v[j] for k, v in results.items()}))
             touched.add(shard)
         for shard, index, key, reason in batch["errors"]:
@@ -706,12 +768,20 @@ class ShardWriter:
         if self.job.task == "embed":
             dim = self.runner.net.embedding_size
             value_type = pa.float16() if self.job.embedding_dtype == "float16" else pa.float32()
-            values = np.stack([r[4]["embedding"] for r in rows]).astype(value_type.to_pandas_dtype()) if rows else np.zeros((0, dim))
+            values = (
+                np.stack([r[4]["embedding"] for r in rows]).astype(value_type.to_pandas_dtype())
+                if rows
+                else np.zeros((0, dim))
+            )
             cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), value_type), dim)
         else:
             k = min(self.job.top_k, self.runner.net.num_classes)
             ids = np.stack([r[4]["label_ids"] for r in rows]).astype(np.int32) if rows else np.zeros((0, k), np.int32)
-            probs = np.stack([r[4]["probabilities"] for r in rows]).astype(np.float32) if rows else np.zeros((0, k), np.float32)
+            probs = (
+                np.stack([r[4]["probabilities"] for r in rows]).astype(np.float32)
+                if rows
+                else np.zeros((0, k), np.float32)
+            )
             labels = [self.runner.idx_to_class.get(int(i), str(int(i))) for i in ids.reshape(-1)]
             cols["labels"] = pa.FixedSizeListArray.from_arrays(pa.array(labels, pa.string()), k)
             cols["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1), pa.float32()), k)
@@ -802,7 +872,12 @@ class Progress:
         eta = remaining / (rate * self.world_size) if rate > 0 else float("inf")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
         done = self.count * self.world_size
-        print(f"\r{done}/{self.total} images  {rate * self.world_size:.1f} images/s  ETA {eta_text}", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{done}/{self.total} images  {rate * self.world_size:.1f} images/s  ETA {eta_text}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.enabled and self.count:

@@ -57,8 +57,12 @@ def run_with_ray(
         cpus_per_task = max(1.0, float(resources.get("CPU", 1)) // tasks)
     skipped = prepare_output(job)
     # Inside a task, DataLoader workers use the task's CPUs; the device is the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
-    workers = job.num_workers if job.num_workers is not None else max(0, int(cpus_per_task) - 1 if gpus else int(cpus_per_task) // 2)
-    task_job = replace(job, device=None if gpus else "cpu", progress=False, num_workers=workers)
+    workers = (
+        job.num_workers
+        if job.num_workers is not None
+        else max(0, int(cpus_per_task) - 1 if gpus else int(cpus_per_task) // 2)
+    )
+    task_job = replace(job, device=job.device or (None if gpus else "cpu"), progress=False, num_workers=workers)
     remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=cpus_per_task, max_retries=0)(_run_task)
     totals = WorkerStats()
     for round_ in range(3):

@@ -34,7 +34,8 @@ EMA, recipe state, RNG states; tensors and plain data only, read back with ``wei
 Distributed: start with ``torchrun --nproc-per-node N ...``; the loop initialises the process group (NCCL on GPU,
 gloo on CPU), wraps ``recipe.model`` in DDP, and writes files from rank 0. ``fsdp=True`` shards the model with
 FSDP2 (``fully_shard`` on every transformer block, then the root) instead, for models too big for one GPU's memory
-(ViT-L and up); it needs CUDA and is not exercised by the CPU tests. EMA is not supported together with FSDP.
+(ViT-L and up); it needs CUDA and is not exercised by the CPU tests. With FSDP the published-format files are
+gathered from the shards, but no states file is written (no resume), and EMA is not supported.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def encoder_checkpoint(net: nn.Module, class_to_idx: dict[str, int] | None = Non
         config = {f.name: getattr(net.config, f.name) for f in dataclasses.fields(net.config)
                   if getattr(net.config, f.name) != getattr(registered, f.name)} or None
     return Checkpoint(
-        state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        state={k: _full(v).detach().cpu().clone() for k, v in net.state_dict().items()},
         signature=make_signature(net.size, num_classes),
         class_to_idx=dict(class_to_idx) if class_to_idx is not None else {str(i): i for i in range(num_classes)},
         rgb_stats={k: list(v) for k, v in (rgb_stats or DEFAULT_RGB_STATS).items()},
@@ -181,6 +182,11 @@ def encoder_checkpoint(net: nn.Module, class_to_idx: dict[str, int] | None = Non
         config=config,
         network=name,
     )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP-sharded one (a collective: every rank must call it); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @dataclass
@@ -443,12 +449,14 @@ def run(recipe: Recipe, dataset: Dataset, cfg: TrainConfig) -> TrainResult:
                         f.write(json.dumps(entry) + "\n")
         if out_dir is not None and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             states_file = _write_checkpoints(out_dir, done, model, optimizer, recipe, ema, cfg, is_main)
-            result.states = states_file if is_main else None
+            result.states = states_file if is_main and not cfg.fsdp else None
 
-    if out_dir is not None and is_main and end == cfg.steps:
-        final = out_dir / f"{recipe.tag}.pt"
-        write_checkpoint(recipe.export_checkpoint(), final)
-        result.checkpoint = final
+    if out_dir is not None and end == cfg.steps and (is_main or cfg.fsdp):
+        ckpt = recipe.export_checkpoint()  # under FSDP every rank takes part in gathering the weights
+        if is_main:
+            final = out_dir / f"{recipe.tag}.pt"
+            write_checkpoint(ckpt, final)
+            result.checkpoint = final
     if dist.is_initialized():
         dist.barrier()
     return result
@@ -465,6 +473,15 @@ def _write_checkpoints(out_dir: Path, done: int, model: nn.Module, optimizer: to
                        ema: ModelEMA | None, cfg: TrainConfig, is_main: bool) -> Path:
     stem = out_dir / f"{recipe.tag}_s{done}"
     states = Path(f"{stem}{STATES_SUFFIX}")
+    if cfg.fsdp:
+        # Sharded weights are gathered for the published-format file; sharded optimizer states are not written
+        # (resuming an FSDP run is not supported yet)
+        ckpt = recipe.export_checkpoint()
+        if is_main:
+            write_checkpoint(ckpt, f"{stem}.pt")
+            log.warning("fsdp: wrote %s.pt; no states file (resume is not supported with FSDP yet)", stem)
+        dist.barrier()
+        return states
     if is_main:
         write_checkpoint(recipe.export_checkpoint(), f"{stem}.pt")
         if ema is not None:

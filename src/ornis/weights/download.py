@@ -15,7 +15,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from ornis.errors import ChecksumError, WeightsNotFoundError
+from ornis.weights.checkpoint import sha256_file
 from ornis.weights.manifest import WeightsFile
 
 CHUNK_BYTES = 1 << 20
@@ -186,17 +186,17 @@ def fetch(
     dst.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(lock_path(dst)):
         # Another process may have finished the same file while this one waited for the lock
-        if dst.is_file() and (marker_matches(dst, expected.sha256) or _hash_file(dst) == expected.sha256):
+        if dst.is_file() and (marker_matches(dst, expected.sha256) or sha256_file(dst) == expected.sha256):
             if not marker_matches(dst, expected.sha256):
                 write_marker(dst, expected.sha256)
             return dst
-        settings = dict(
-            show=progress_enabled(progress),
-            timeout=TIMEOUT_S if timeout is None else timeout,
-            retries=RETRIES if retries is None else retries,
-            backoff=BACKOFF_S if backoff is None else backoff,
-            dst=dst,
-        )
+        settings = {
+            "show": progress_enabled(progress),
+            "timeout": TIMEOUT_S if timeout is None else timeout,
+            "retries": RETRIES if retries is None else retries,
+            "backoff": BACKOFF_S if backoff is None else backoff,
+            "dst": dst,
+        }
         resumed = part_path(dst).is_file()
         digest = _download(url, part_path(dst), expected, **settings)
         if digest != expected.sha256 and resumed:
@@ -212,12 +212,6 @@ def fetch(
         os.replace(part_path(dst), dst)
         write_marker(dst, digest)
     return dst
-
-
-def _hash_file(path: Path) -> str:
-    from ornis.weights.checkpoint import sha256_file
-
-    return sha256_file(path)
 
 
 class _Digest:
@@ -253,7 +247,7 @@ def _download(
                     offset += len(block)
         try:
             received = _transfer(url, part, offset, hasher, show=show, timeout=timeout)
-            return hasher.hexdigest() if received is not None else _hash_file(part)
+            return hasher.hexdigest() if received is not None else sha256_file(part)
         except _FinalError as e:
             raise WeightsNotFoundError(_unavailable(url, dst, expected, str(e))) from None
         except _TransientError as e:
@@ -284,7 +278,7 @@ def _transfer(url: str, part: Path, offset: int, hasher: _Digest, *, show: bool,
         if e.code in TRANSIENT_HTTP:
             raise _TransientError(f"HTTP {e.code} {e.reason}") from None
         raise _FinalError(f"HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise _TransientError(f"cannot connect ({reason})") from None
 
@@ -311,7 +305,7 @@ def _transfer(url: str, part: Path, offset: int, hasher: _Digest, *, show: bool,
                 while True:
                     try:
                         block = response.read(CHUNK_BYTES)
-                    except (socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
+                    except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
                         raise _TransientError(f"connection lost after {offset + received} bytes ({e})") from None
                     if not block:
                         break

@@ -64,32 +64,22 @@ def encode(
 
 # -- HieraDet ------------------------------------------------------------------------------------------------------
 def _hieradet_max_stride(backbone: nn.Module) -> int:
-    stride = getattr(backbone, "max_stride", None)
-    if stride is None:
-        raise UnsupportedBackboneError(f"{backbone.name}: HieraDet backbone without max_stride")
-    return int(stride)
+    from ornis.models.hieradet import TOTAL_STRIDE
+
+    return TOTAL_STRIDE
 
 
 def _hieradet_stem_width(backbone: nn.Module) -> int:
-    width = getattr(backbone, "stem_width", None)
-    if width is None:
-        raise UnsupportedBackboneError(f"{backbone.name}: HieraDet backbone without stem_width")
-    return int(width)
+    return int(backbone.config.embed_dim)
 
 
 def _hieradet_encode(
     backbone: nn.Module, images: torch.Tensor, mask: torch.Tensor | None, mask_token: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    masked_forward = getattr(backbone, "masked_features", None)
-    if masked_forward is None:
-        raise UnsupportedBackboneError(f"{backbone.name}: this HieraDet has no masked forward (masked_features)")
-    token_mask = None
-    if mask is not None:
-        # Spread each last-stage cell's mask over the stem tokens under it
-        grid = mask_grid(backbone, (images.shape[-2], images.shape[-1]))
-        stride = _hieradet_max_stride(backbone) // getattr(backbone, "stem_stride", 4)
-        token_mask = mask.reshape(-1, *grid).repeat_interleave(stride, 1).repeat_interleave(stride, 2)
-    features = masked_forward(images, token_mask, mask_token)  # (B, C, h, w): the last stage, as a map
-    tokens = features.flatten(2).transpose(1, 2)
-    return backbone.pool_features(features), tokens
-
+    if mask is None:
+        features = backbone.forward_features(images)  # (B, h, w, C), channels-last, before the final norm
+        return backbone.features(features), features.flatten(1, 2)
+    # Masked cells of the last stage's grid blank the 8x8 stem tokens under them, before the position embedding;
+    # the patch tokens are the last stage's before the final norm, as in the reference's recipe for HieraDet
+    out = backbone.masked_encoding_retention(images, mask, mask_token, return_keys="all")
+    return out["embedding"], out["features"].flatten(2).transpose(1, 2)

@@ -36,7 +36,9 @@ def read_tensors(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(path, f"refused to unpickle: it holds objects other than tensors ({first})") from None
+        raise CheckpointFormatError(
+            path, f"refused to unpickle: it holds objects other than tensors ({first})"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointFormatError(path, f"cannot be read, truncated or corrupt ({e})") from None
 

@@ -90,7 +90,9 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     elif (folder / "pytorch_model.bin").is_file():
         state = read_tensors(folder / "pytorch_model.bin")
     else:
-        raise CheckpointFormatError(folder, "found no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        raise CheckpointFormatError(
+            folder, "found no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
     facts = {"num_heads": int(config["num_attention_heads"]), "norm_eps": float(config.get("layer_norm_eps", 1e-6))}
     if not config.get("qkv_bias", True):
         facts["qkv_bias"] = False
@@ -134,8 +136,6 @@ def hf_to_hub(state: dict[str, torch.Tensor], path: Path | None = None) -> dict[
         if hf in state:
             out[hub] = state[hf]
             used.add(hf)
-    if "mask_token" in out and out["mask_token"].ndim == 2:
-        out["mask_token"] = out["mask_token"].unsqueeze(0)
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
     for i in layers:
         pre = f"encoder.layer.{i}."
@@ -184,7 +184,7 @@ def hub_to_ornis(
     patch = state["patch_embed.proj.weight"].shape[-1]
     num_layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
-    registers = state["register_tokens"] if "register_tokens" in state else None
+    registers = state.get("register_tokens", None)
     num_reg = 0 if registers is None else registers.shape[1]
     pos = state["pos_embed"]
     patch_rows = pos.shape[1] - 1

@@ -58,9 +58,7 @@ def convert_sam2(
     if first_window != spec.config.window_spec[0]:
         wanted["window_spec"] = (first_window, *spec.config.window_spec[1:])
     overrides = config_overrides(network, wanted)
-    return write_converted(
-        state, dst, network=network, size=(size, size), rgb_stats=SAM2_RGB_STATS, config=overrides
-    )
+    return write_converted(state, dst, network=network, size=(size, size), rgb_stats=SAM2_RGB_STATS, config=overrides)
 
 
 def trunk_state(model: dict[str, torch.Tensor], path: Path | None = None) -> dict[str, torch.Tensor]:
@@ -70,11 +68,15 @@ def trunk_state(model: dict[str, torch.Tensor], path: Path | None = None) -> dic
         trunk = dict(model)
     if "patch_embed.proj.weight" not in trunk or "pos_embed" not in trunk or "pos_embed_window" not in trunk:
         sample = ", ".join(list(model)[:6])
-        raise CheckpointFormatError(path, f"no SAM 2 image-encoder trunk: expected keys under {TRUNK_PREFIX!r} (found {sample}, ...)")
+        raise CheckpointFormatError(
+            path, f"no SAM 2 image-encoder trunk: expected keys under {TRUNK_PREFIX!r} (found {sample}, ...)"
+        )
     return trunk
 
 
-def trunk_to_ornis(trunk: dict[str, torch.Tensor], path: Path | None = None) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
+def trunk_to_ornis(
+    trunk: dict[str, torch.Tensor], path: Path | None = None
+) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
     """Rename a SAM 2 trunk's tensors to ornis's HieraDet keys; also returns the blocks per stage."""
     num_blocks = 1 + max(int(m.group(1)) for k in trunk if (m := re.match(r"blocks\.(\d+)\.", k)))
     stage_starts = [0] + [i for i in range(1, num_blocks) if f"blocks.{i}.proj.weight" in trunk]
@@ -105,7 +107,9 @@ def trunk_to_ornis(trunk: dict[str, torch.Tensor], path: Path | None = None) -> 
         used.add(key)
     unused = sorted(set(trunk) - used)
     if unused:
-        raise CheckpointFormatError(path, f"{len(unused)} trunk key(s) have no HieraDet counterpart: {', '.join(unused[:8])}")
+        raise CheckpointFormatError(
+            path, f"{len(unused)} trunk key(s) have no HieraDet counterpart: {', '.join(unused[:8])}"
+        )
     width = trunk[f"blocks.{num_blocks - 1}.norm2.weight"].shape[0]
     out["features.0.weight"] = torch.ones(width)
     out["features.0.bias"] = torch.zeros(width)
