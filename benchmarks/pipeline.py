@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--decode-on-device", action="store_true", help="JPEGs decoded by nvJPEG on the GPU")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="DataLoader workers (default from the CPU count)")
     p.add_argument("--iters", type=int, default=20, help="model-only timed batches")
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "precision": DTYPES[args.dtype],
             "compile": args.compile,
+            "decode_on_device": args.decode_on_device,
             "batch_size": batch_size,
             "num_workers": args.workers,
             "progress": sys.stderr.isatty(),
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": len(os.sched_getaffinity(0)),
             "dtype": args.dtype,
             "compile": args.compile,
+            "decode_on_device": args.decode_on_device,
             "batch_size": batch_size,
             "workers": args.workers if args.workers is not None else default_num_workers(device, 1),
             "end_to_end_images_per_s": round(steady, 1),

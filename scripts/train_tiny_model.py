@@ -1,6 +1,6 @@
 """Reproduce the model that ships inside ornis (``ornis/assets/``) and that ``ornis demo`` runs offline.
 
-A small ViT (4 blocks, width 128, patch 8, 64 px input; about 0.8 M parameters, 3.3 MB) trained from scratch
+A small ViT (4 blocks, width 128, patch 8, 32 px input; about 0.8 M parameters, 3.3 MB) trained from scratch
 with ornis's own supervised recipe (``ornis.train.supervised.train_classifier``) on procedurally generated images of
 eight shape and texture classes (``ornis.eval.synthetic``), then measured on a held-out generated set drawn with a
 different seed. Everything is generated, so no download is needed; on 2 CPU cores it takes well under 30 minutes.
@@ -8,7 +8,7 @@ different seed. Everything is generated, so no download is needed; on 2 CPU core
     python scripts/train_tiny_model.py                 # train, measure, print the numbers
     python scripts/train_tiny_model.py --install       # ... and copy the model into src/ornis/assets/
 
-``--install`` also prints the file's sha256, which ``ornis/assets/__init__.py`` records (update it there).
+``--install`` also (re)writes the sample images in ``src/ornis/assets/samples/`` and prints the model's sha256, which ``ornis/assets/__init__.py`` records (update it there).
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from ornis.eval.synthetic import SHAPE_CLASSES, write_shapes_folder
+from ornis.eval.synthetic import SHAPE_CLASSES, write_sample_images, write_shapes_folder
 from ornis.train.loop import TrainConfig
 from ornis.train.supervised import ClassifyOptions, train_classifier
 from ornis.weights.checkpoint import sha256_file
 
 ARCH = "vit_t16"  # the registered variant the overrides below start from
-MODEL_CONFIG = {"patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "default_size": 64}
-SIZE = 64
+MODEL_CONFIG = {"patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "default_size": 32}
+SIZE = 32  # model input; images are drawn at DRAW_SIZE and scaled down (as the 64 px sample images are at inference)
+DRAW_SIZE = 64
 TRAIN_SEED = 1  # generated-data seeds: training images, held-out images (ornis demo measures on seed 2 too)
 HELD_OUT_SEED = 2
 ASSET_NAME = "ornis_shapes_vit_tiny.pt"  # registered as the "ornis_shapes_vit_tiny" weights (ornis.assets)
@@ -39,11 +40,11 @@ ASSET_NAME = "ornis_shapes_vit_tiny.pt"  # registered as the "ornis_shapes_vit_t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-images", type=int, default=12_000)
+    parser.add_argument("--train-images", type=int, default=20_000)
     parser.add_argument("--held-out-images", type=int, default=2_000)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2_500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     # Two cores: one computes, the other decodes and augments (a loader worker). Two compute threads were 5x
     # slower than one on a shared 2-core machine (thread hand-offs stall when the other core is busy)
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
@@ -58,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ornis-tiny-"))
     train_dir, val_dir, run_dir = workdir / "train", workdir / "held_out", workdir / "run"
     if not train_dir.is_dir():
-        write_shapes_folder(train_dir, args.train_images, TRAIN_SEED, SIZE)
+        write_shapes_folder(train_dir, args.train_images, TRAIN_SEED, DRAW_SIZE, save_size=SIZE)
     if not val_dir.is_dir():
-        write_shapes_folder(val_dir, args.held_out_images, HELD_OUT_SEED, SIZE)
+        write_shapes_folder(val_dir, args.held_out_images, HELD_OUT_SEED, DRAW_SIZE, save_size=SIZE)
     generated = time.perf_counter() - started
 
     opts = ClassifyOptions(
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         arch=ARCH,
         size=SIZE,
         model_config=MODEL_CONFIG,
-        # Flips and moderate crops keep every class what it is; RandAugment's shears and colour inversions at 64 px
+        # Flips and moderate crops keep every class what it is; RandAugment's shears and colour inversions at 32 px
         # mostly slow the fit of a model this small
         auto_augment=None,
         crop_scale=(0.5, 1.0),
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         min_lr=1e-5,
-        warmup_steps=max(1, args.steps // 20),
+        warmup_steps=max(1, args.steps // 25),
         weight_decay=0.05,
         output_dir=str(run_dir),
         log_every=50,
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.install:
         dst = Path(__file__).resolve().parents[1] / "src" / "ornis" / "assets" / ASSET_NAME
         shutil.copyfile(result.checkpoint, dst)
+        write_sample_images(dst.parent / "samples")
         (dst.parent / "training_summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "checkpoint"}, indent=2) + "\n")
         print(f"installed {dst}; set SHA256 in src/ornis/assets/__init__.py to {summary['sha256']}")
     return 0

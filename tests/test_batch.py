@@ -347,3 +347,22 @@ def test_gpu_bf16_compiled_rows_match_cpu_fp32(collection, checkpoint: Path, tmp
     assert np.abs(a - b).max() / np.abs(a).max() < 1e-3  # TF32 / kernel differences only
     cosine = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
     assert cosine.min() > 0.99, cosine.min()
+
+
+def test_decode_on_device_is_close_to_pillow(collection, checkpoint: Path, tmp_path: Path) -> None:
+    # On CPU this runs torchvision's libjpeg-turbo decoder (nvJPEG on CUDA) and torch's bicubic antialiased resize
+    _, _, bad = collection
+    _run(collection, checkpoint, tmp_path / "pil", num_workers=0)
+    _run(collection, checkpoint, tmp_path / "dev", num_workers=0, decode_on_device=True)
+    a, b = (pq.read_table(tmp_path / name).sort_by("path") for name in ("pil", "dev"))
+    assert a.column("path").to_pylist() == b.column("path").to_pylist()
+    ea, eb = np.array(a.column("embedding").to_pylist()), np.array(b.column("embedding").to_pylist())
+    cosine = (ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+    jpegs = [i for i, p in enumerate(a.column("path").to_pylist()) if p.endswith(".jpg") and "cmyk" not in p]
+    assert len(jpegs) == 2 and np.abs(ea[jpegs] - eb[jpegs]).max() > 0  # those really took the other path
+    errors = {e["path"]: e["reason"] for e in read_errors(tmp_path / "dev")}
+    assert set(errors) == {str(p) for p in bad.values()}
+    assert errors[str(bad["truncated"])] == "corrupt or truncated JPEG (Image is incomplete or truncated)"
+    meta = json.loads(b.schema.metadata[b"ornis.preprocessing"])
+    assert meta["jpeg_decoding"].startswith("torchvision decode_jpeg")

@@ -92,7 +92,14 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(os.listdir(folder)) if folder.exists() else []
 
 
-@pytest.mark.parametrize("family,fmt,output", CASES, ids=[f"{f}-{m}-{o}" for f, m, o in CASES])
+# The hierarchical families take 15-40 s per export on 2 CPU cores (mostly the exporters' own graph passes)
+SLOW_FAMILIES = {"hiera", "hieradet"}
+
+
+@pytest.mark.parametrize(
+    "family,fmt,output",
+    [pytest.param(*c, id="-".join(c), marks=[pytest.mark.slow] if c[0] in SLOW_FAMILIES else []) for c in CASES],
+)
 def test_export_reloads_and_matches_eager(tmp_path: Path, family: str, fmt: str, output: str) -> None:
     net = small_model(family)
     path = tmp_path / f"{family}.{fmt}"
@@ -131,7 +138,7 @@ def test_torchscript_keeps_the_card_api(tmp_path: Path) -> None:
     assert info.custom_config["export"]["format"] == "pts"
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=pytest.mark.slow)])
 def test_vit_dynamic_size(tmp_path: Path, fmt: str) -> None:
     """One file for every input size whose sides are multiples of the patch size, the model's own size included
     (where the in-graph position-embedding interpolation must be exact)."""
@@ -143,6 +150,7 @@ def test_vit_dynamic_size(tmp_path: Path, fmt: str) -> None:
         assert_matches(path, fmt, net, "features", torch.randn(*shape))
 
 
+@pytest.mark.slow
 def test_flexivit_patch_size_baked_in(tmp_path: Path) -> None:
     """FlexiViT exported at patch size 24 (the card's inference setting): the resampled patch embedding is a
     constant of the graph, and the size stays dynamic over multiples of 24."""

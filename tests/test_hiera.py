@@ -115,7 +115,7 @@ def base_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_parity_224(base_checkpoint) -> None:
     ref, path = base_checkpoint
-    net, info = ornis.load_pretrained_model(path, inference=True)
+    net, _ = ornis.load_pretrained_model(path, inference=True)
     assert isinstance(net, Hiera) and net.name == "hiera_abswin_base" and net.num_classes == 10
     torch.manual_seed(0)
     x = torch.randn(1, 3, 224, 224)

@@ -83,7 +83,16 @@ def test_parameter_count_matches_card_and_reference(name: str) -> None:
     assert net.state_dict().keys() == ref.state_dict().keys()
 
 
-@pytest.mark.parametrize("name,size", [("hieradet_small", 224), ("hieradet_small", 256), ("hieradet_small", 1024), ("hieradet_d_small", 224), ("hieradet_d_small", 256)])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("hieradet_small", 224),
+        ("hieradet_small", 256),
+        ("hieradet_small", 1024),
+        ("hieradet_d_small", 224),
+        ("hieradet_d_small", 256),
+    ],
+)
 def test_detection_feature_shapes(name: str, size: int) -> None:
     with torch.device("meta"):
         net = ornis.build_model(name, size=224)
@@ -141,7 +150,7 @@ def test_parity_224(published) -> None:
 @pytest.mark.slow
 def test_parity_other_size_per_call_and_new_size(published) -> None:
     """192: per call on the 224 model (the reference runs any size too), and through ``new_size=``."""
-    name, ref, net, path = published
+    _, ref, net, path = published
     torch.manual_seed(1)
     x = torch.randn(1, 3, 192, 192)
     theirs = reference_outputs(ref, x)

@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train_loop import TINY_VIT, make_shapes
 
-pytestmark = pytest.mark.slow  # two process launches per test: ~20 s on 2 CPU cores
+pytestmark = pytest.mark.slow  # three processes start per test: 20-40 s on 2 busy CPU cores
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -35,16 +34,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(args: list[str], out: Path, ranks: int) -> list[dict]:
+def _train_one_and_two(args: list[str], out: Path) -> tuple[list[dict], list[dict]]:
+    """Run ``ornis <args>`` as one process and under torchrun with two ranks (at the same time: most of each run
+    is start-up); returns both runs' log.jsonl entries."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "ornis"]
-    else:
-        cmd = [str(TORCHRUN), f"--nproc-per-node={ranks}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-               "-m", "ornis"]
-    done = subprocess.run(cmd + args + ["-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    one = [sys.executable, "-m", "ornis"]
+    two = [str(TORCHRUN), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ornis"]
+    procs = [
+        subprocess.Popen(cmd + args + ["-o", str(out / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd, name in ((one, "one"), (two, "two"))
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output[-3000:]
+    return tuple([json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()] for name in ("one", "two"))
 
 
 def _compare(one: list[dict], two: list[dict]) -> None:
@@ -54,14 +57,16 @@ def _compare(one: list[dict], two: list[dict]) -> None:
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
 
 
-COMMON = ["--model-config", json.dumps(TINY_VIT), "--size", "32", "--steps", "3", "--batch-size", "8", "--workers", "0",
+VIT = ["--arch", "vit_t16", "--model-config", json.dumps(TINY_VIT), "--size", "32"]
+HIERA = ["--arch", "hiera_abswin_tiny", "--size", "64",
+         "--model-config", json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "drop_path_rate": 0.0})]
+COMMON = ["--steps", "3", "--batch-size", "8", "--workers", "0",
           "--log-every", "1", "--device", "cpu", "--lr", "3e-3"]
 
 
 def test_classify_two_ranks_equal_one(tmp_path, data):
-    args = ["train", "classify", str(data), "--arch", "vit_t16", "--aug", "randaugment", *COMMON]
-    one = _train(args, tmp_path / "one", 1)
-    two = _train(args, tmp_path / "two", 2)
+    args = ["train", "classify", str(data), *VIT, "--aug", "randaugment", *COMMON]
+    one, two = _train_one_and_two(args, tmp_path)
     _compare(one, two)
     assert one[1]["loss"] != one[0]["loss"]  # steps 2.. depend on the data (step 1 is ln 3: a zero head)
     # only rank 0 writes: one log line per step, one model file
@@ -69,11 +74,13 @@ def test_classify_two_ranks_equal_one(tmp_path, data):
                                                                        "vit_t16_classify_s3_states.pt"]
 
 
-def test_mim_two_ranks_equal_one(tmp_path, data):
-    args = ["train", "mim", str(data), "--arch", "vit_t16", "--mask-ratio", "0.5", "--decoder-dim", "32",
+@pytest.mark.parametrize("arch", ["vit", "hiera"])
+def test_mim_two_ranks_equal_one(tmp_path, data, arch):
+    args = ["train", "mim", str(data), *(VIT if arch == "vit" else HIERA), "--mask-ratio", "0.5", "--decoder-dim", "32",
             "--decoder-depth", "1", "--decoder-heads", "2", *COMMON]
-    _compare(_train(args, tmp_path / "one", 1), _train(args, tmp_path / "two", 2))
+    _compare(*_train_one_and_two(args, tmp_path))
     import ornis
 
-    net, _ = ornis.load_pretrained_model(tmp_path / "two" / "vit_t16_mim.pt")
-    assert net.name == "vit_t16" and net.num_classes == 0
+    name = "vit_t16" if arch == "vit" else "hiera_abswin_tiny"
+    net, _ = ornis.load_pretrained_model(tmp_path / "two" / f"{name}_mim.pt")
+    assert net.name == name and net.num_classes == 0

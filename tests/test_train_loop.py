@@ -153,6 +153,12 @@ def test_param_groups_decay_exclusions_and_layer_decay():
     assert by_name["conv_proj.weight"]["lr_scale"] == pytest.approx(0.125)  # 0.5 ** (3 - 0)
     assert by_name["encoder.block.1.mlp.0.weight"]["lr_scale"] == pytest.approx(0.5)
     assert by_name["classifier.weight"]["lr_scale"] == pytest.approx(1.0)
+    # Hiera's blocks are numbered per stage (body.stage<k>.<i>): counted as one sequence over the stages
+    hiera = build_model("hiera_abswin_tiny", num_classes=2, size=64, config={"depths": (1, 2, 1, 1), "embed_dim": 16, "num_heads": 1})
+    ids, n = layer_ids(hiera)
+    assert n == 6 and ids["pos_embed_win"] == 0 and ids["stem.proj.weight"] == 0
+    assert [ids[f"body.{b}.attn.qkv.weight"] for b in ("stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage4.0")] == [1, 2, 3, 4, 5]
+    assert ids["features.1.weight"] == 6 and ids["classifier.weight"] == 6
 
 
 def test_ema_update_and_swap():

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_loop import (
+    STATS,
+    TINY_VIT,
+    make_shapes,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread)
+)
 
 import ornis
 from ornis.train.loop import TrainConfig
@@ -20,8 +26,6 @@ from ornis.train.mim import (
     train_mim,
     units_to_tokens,
 )
-from test_train_loop import one_thread  # noqa: F401  (autouse: one intra-op thread)
-from test_train_loop import STATS, TINY_VIT, make_shapes
 
 TINY_HIERA = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, drop_path_rate=0.0)
 DECODER = dict(decoder_dim=64, decoder_depth=1, decoder_heads=2)

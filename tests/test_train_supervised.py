@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_loop import (
+    STATS,
+    TINY_VIT,
+    make_shapes,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread)
+    write_shards,
+)
 
 import ornis
 from ornis.train.data import SampleDataset, eval_transform, open_source, train_transform
 from ornis.train.loop import TrainConfig, run
 from ornis.train.supervised import ClassifyOptions, ClassifyRecipe, evaluate_topk, train_classifier
-from test_train_loop import one_thread  # noqa: F401  (autouse: one intra-op thread)
-from test_train_loop import STATS, TINY_VIT, make_shapes, write_shards
 
 CLASSES = {"circle": 0, "square": 1, "triangle": 2}
 

@@ -221,23 +221,7 @@ def export_model(
             what = f"{fmt} export with a dynamic input size" if dynamic_size else f"{fmt} export"
             raise ExportError(f"{net.name}: {what} failed: {_first_line(e)}") from e
 
-        run = _exported_runner(tmp, fmt, param.device)
-        abs_diff, rel_diff = 0.0, 0.0
-        for x, want in zip(check_inputs, expected):
-            with torch.no_grad():
-                got = run(x)
-            if len(got) != len(want):
-                raise ExportCheckError(f"{path}: the exported model returned {len(got)} outputs, expected {len(want)}")
-            for name, g, w in zip(output_names, got, want):
-                g = torch.as_tensor(g).to(w.device)
-                if tuple(g.shape) != tuple(w.shape):
-                    raise ExportCheckError(
-                        f"{path}: exported output {name!r} has shape {tuple(g.shape)} for input {tuple(x.shape)}, "
-                        f"expected {tuple(w.shape)}"
-                    )
-                diff = float((g.double() - w.double()).abs().max())
-                abs_diff = max(abs_diff, diff)
-                rel_diff = max(rel_diff, diff / max(float(w.double().abs().max()), 1e-6))
+        abs_diff, rel_diff = _check_export(tmp, fmt, param.device, check_inputs, expected, output_names, path)
         if not rel_diff <= tolerance:  # also catches NaN
             raise ExportCheckError(
                 f"{path}: the exported model differs from the eager model by {rel_diff:.3g} relative to the output "
@@ -262,6 +246,39 @@ def export_model(
     )
     logger.info(report.summary())
     return report
+
+
+def _check_export(
+    written: Path,
+    fmt: str,
+    device: torch.device,
+    inputs: list[torch.Tensor],
+    expected: list[list[torch.Tensor]],
+    output_names: list[str],
+    path: Path,
+) -> tuple[float, float]:
+    """Run the written file on ``inputs``: the worst (absolute, scale-relative) difference from ``expected``."""
+    abs_diff, rel_diff = 0.0, 0.0
+    run = _exported_runner(written, fmt, device)
+    for x, want in zip(inputs, expected):
+        try:
+            with torch.no_grad():
+                got = run(x)
+        except Exception as e:  # a graph that cannot run an input it claims to accept is a failed check
+            raise ExportCheckError(f"{path}: the exported model fails on input {tuple(x.shape)}: {_first_line(e)}; the file was deleted") from e
+        if len(got) != len(want):
+            raise ExportCheckError(f"{path}: the exported model returned {len(got)} outputs, expected {len(want)}")
+        for name, g, w in zip(output_names, got, want):
+            g = torch.as_tensor(g).to(w.device)
+            if tuple(g.shape) != tuple(w.shape):
+                raise ExportCheckError(
+                    f"{path}: exported output {name!r} has shape {tuple(g.shape)} for input {tuple(x.shape)}, "
+                    f"expected {tuple(w.shape)}"
+                )
+            diff = float((g.double() - w.double()).abs().max())
+            abs_diff = max(abs_diff, diff)
+            rel_diff = max(rel_diff, diff / max(float(w.double().abs().max()), 1e-6))
+    return abs_diff, rel_diff
 
 
 # -- writers ---------------------------------------------------------------------------------------------------------

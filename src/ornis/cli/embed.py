@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
             "--precision", default="auto", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16"
         )
         p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+        p.add_argument(
+            "--decode-on-device", action="store_true", help="decode and resize JPEGs on the GPU (nvJPEG) in batches"
+        )
         p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: as infer_image)")
         p.add_argument(
             "--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)"
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=PRECISION_ALIASES.get(args.precision, args.precision),
         compile=args.compile,
+        decode_on_device=args.decode_on_device,
         exif_transpose=args.exif_transpose,
         composite_alpha=args.composite_alpha,
         max_pixels=args.max_pixels,

@@ -95,7 +95,7 @@ class MaskedImageModelling:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("train", nargs="+", help="any folder of images, or webdataset .tar shards")
         _model_arguments(p)
-        p.add_argument("--mask-ratio", type=float, default=0.75)
+        p.add_argument("--mask-ratio", type=float, default=None, help="default: 0.75 for ViT, 0.6 for Hiera")
         p.add_argument("--mask-unit", type=int, default=None, help="mask unit side in patch tokens (default: the model's)")
         p.add_argument("--decoder-dim", type=int, default=256)
         p.add_argument("--decoder-depth", type=int, default=4)

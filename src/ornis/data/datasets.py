@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 import tarfile
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ornis.data.decode import IMAGE_EXTENSIONS, DecodeOptions, ImageDecodeError, decode_image
@@ -212,15 +214,22 @@ class ShardDataset(Dataset):
     """``dataset[(shard, index)]`` decodes one sample and returns a dict; a bad sample is returned as a dict with
     ``ok=False`` and its ``reason``, never raised, so one file cannot end a DataLoader worker or the run.
 
-    ``transform`` runs on the decoded RGB PIL image in the worker (the CPU part of the preprocessing).
+    ``transform`` runs on the decoded RGB PIL image in the worker (the CPU part of the preprocessing). With
+    ``raw_jpeg=True`` a plain (RGB or grayscale) JPEG is not decoded here: its bytes come back as ``jpeg`` (a uint8
+    tensor) for batched decoding on the model's device; its header is still checked here (size, bomb limit).
     """
 
     def __init__(
-        self, plan_path: Path, transform: Callable[[Any], torch.Tensor], options: DecodeOptions | None = None
+        self,
+        plan_path: Path,
+        transform: Callable[[Any], torch.Tensor],
+        options: DecodeOptions | None = None,
+        raw_jpeg: bool = False,
     ) -> None:
         self.plan_path = Path(plan_path)
         self.transform = transform
         self.options = options or DecodeOptions()
+        self.raw_jpeg = raw_jpeg
         self._shards: OrderedDict[int, list[Item]] = OrderedDict()
         self._tar: tuple[str, Any] | None = None
 
@@ -238,6 +247,13 @@ class ShardDataset(Dataset):
         out: dict[str, Any] = {"shard": shard_id, "index": i, "key": item.key}
         try:
             data = self._read_tar_member(item) if item.offset >= 0 else item.path
+            if self.raw_jpeg:
+                data = _read_bytes(data, item.key)
+                size = self._plain_jpeg_size(data)
+                if size is not None:
+                    jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    out.update(ok=True, jpeg=jpeg, width=size[0], height=size[1], decode_s=time.perf_counter() - start)
+                    return out
             decoded = decode_image(data, self.options, source=item.key)
             pixels = self.transform(decoded.image)
         except ImageDecodeError as e:
@@ -248,6 +264,20 @@ class ShardDataset(Dataset):
             out.update(ok=True, pixels=pixels, width=decoded.width, height=decoded.height)
         out["decode_s"] = time.perf_counter() - start
         return out
+
+    def _plain_jpeg_size(self, data: bytes) -> tuple[int, int] | None:
+        """(width, height) of a JPEG the device decoder gives the same colours for (RGB or L, within the pixel
+        limit, no EXIF transposition asked for); ``None`` sends the file down the CPU path."""
+        if not data.startswith(b"\xff\xd8\xff") or self.options.exif_transpose:
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # the header only
+                if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                    return None
+                width, height = image.size
+        except Exception:  # noqa: BLE001 - whatever it is, the CPU path will name it
+            return None
+        return (width, height) if width * height <= self.options.max_pixels else None
 
     def _read_tar_member(self, item: Item) -> bytes:
         if self._tar is None or self._tar[0] != item.path:
@@ -268,11 +298,26 @@ class ShardDataset(Dataset):
         raise TypeError("ShardDataset is indexed by (shard, index) pairs from a sampler; it has no length")
 
 
+def _read_bytes(data: bytes | str, source: str) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    try:
+        with open(data, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageDecodeError(source, "file not found") from None
+    except OSError as e:
+        raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
+
+
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch: the good samples' pixels stacked, their keys and sizes, and the bad ones as error records."""
-    good = [s for s in samples if s["ok"]]
+    """A batch: the good samples' pixels stacked, their keys and sizes, and the bad ones as error records. Samples
+    left as JPEG bytes (``raw_jpeg``) come after the decoded ones, their bytes in ``jpeg``."""
+    decoded = [s for s in samples if s["ok"] and "pixels" in s]
+    good = decoded + [s for s in samples if s["ok"] and "jpeg" in s]
     return {
-        "pixels": torch.stack([s["pixels"] for s in good]) if good else None,
+        "pixels": torch.stack([s["pixels"] for s in decoded]) if decoded else None,
+        "jpeg": [s["jpeg"] for s in good[len(decoded) :]],
         "shard": [s["shard"] for s in good],
         "index": [s["index"] for s in good],
         "key": [s["key"] for s in good],

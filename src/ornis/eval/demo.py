@@ -23,6 +23,7 @@ from ornis.eval.labels import EmbeddingTable, read_embeddings
 from ornis.eval.synthetic import SHAPE_CLASSES, generate_shapes
 
 HELD_OUT_SEED = 2  # scripts/train_tiny_model.py trains on seed 1 and holds out seed 2
+DRAW_SIZE = 64  # images are drawn at 64 px (as the samples are) and the model's transform scales them
 
 
 @dataclass
@@ -105,7 +106,7 @@ def run_demo(
     t = time.perf_counter()
     net, info = load_pretrained_model(model, inference=True)
     transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
-    images, labels = generate_shapes(held_out, HELD_OUT_SEED, size=get_size_from_signature(info.signature)[0])
+    images, labels = generate_shapes(held_out, HELD_OUT_SEED, size=DRAW_SIZE)
     batch = torch.stack([transform(img) for img in images])
     with torch.inference_mode():
         embeddings = net.embedding(batch)

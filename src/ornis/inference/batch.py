@@ -101,10 +101,24 @@ class BatchJob:
     device: str | None = None  # cuda:<local rank> when there is a GPU
     compile: bool = False
     channels_last: bool | None = None  # on CUDA by default
+    # Plain JPEGs decoded in batches on the model's device (nvJPEG on CUDA) and resized there (bicubic, antialiased):
+    # for when the CPUs cannot decode as fast as the GPU embeds. Pixels differ from Pillow's by a level or so.
+    decode_on_device: bool = False
     retry_errors: bool = False
     progress: bool | None = None  # default: when stderr is a terminal
 
-    IDENTITY = ("inputs", "model", "task", "top_k", "shard_size", "embedding_dtype", "features", "decode", "network")
+    IDENTITY = (
+        "inputs",
+        "model",
+        "task",
+        "top_k",
+        "shard_size",
+        "embedding_dtype",
+        "features",
+        "decode",
+        "network",
+        "decode_on_device",
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -495,7 +509,7 @@ def run_worker(
     sampler = ClaimingBatchSampler(
         out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids, rank=rank
     )
-    dataset = ShardDataset(out / PLAN, runner.cpu_transform, job.decode)
+    dataset = ShardDataset(out / PLAN, runner.cpu_transform, job.decode, raw_jpeg=job.decode_on_device)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     workers = default_num_workers(device, per_node) if job.num_workers is None else job.num_workers
     loader = DataLoader(
@@ -523,7 +537,8 @@ def run_worker(
         t1 = time.perf_counter()
         current = None
         if batch is not None:
-            current = (batch, runner.launch(batch["pixels"]) if batch["pixels"] is not None else dict)
+            pixels = runner.decode_jpegs(batch) if batch["jpeg"] else batch["pixels"]
+            current = (batch, runner.launch(pixels) if pixels is not None else dict)
         if previous is not None:  # read the last batch's rows while this one runs on the device
             done, wait = previous
             results = wait()
@@ -586,13 +601,17 @@ class ModelRunner:
         self.job = job
         self.device = device
         size = get_size_from_signature(info.signature)
+        self.size = size
         self.transform = classification_transform(size, info.rgb_stats)
         self.cpu_transform, self.stats = split_transform(self.transform)
+        if job.decode_on_device and self.stats is None:
+            raise OrnisError("decode_on_device needs the standard classification_transform")
         self.preprocessing = {
             "transform": "classification_transform",
             "size": list(size),
             "rgb_stats": {k: list(v) for k, v in info.rgb_stats.items()},
             "resize": "exact (H, W), bicubic, antialiased; center_crop 1.0",
+            "jpeg_decoding": "torchvision decode_jpeg on the model's device" if job.decode_on_device else "Pillow",
             **asdict(job.decode),
         }
         self.idx_to_class = {v: k for k, v in info.class_to_idx.items()}
@@ -625,6 +644,48 @@ class ModelRunner:
         if self.job.features:
             res["features"] = self.net.detection_features(x)[self.job.features]
         return res
+
+    def decode_jpegs(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Decode the batch's JPEG bytes on the device and resize them to the model's size as uint8, after the
+        worker-decoded pixels. A file the decoder rejects moves from the batch's rows to its errors."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpegs = batch["jpeg"]
+        try:
+            images: list[torch.Tensor | None] = list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad file fails the whole batched call: find it
+            images = []
+            for j, data in enumerate(jpegs):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as e:
+                    images.append(None)
+                    batch.setdefault("_device_errors", []).append(
+                        (j, f"corrupt or truncated JPEG ({str(e).splitlines()[-1].split(', ')[-1][:200]})")
+                    )
+        first = len(batch["key"]) - len(jpegs)
+        for j, reason in reversed(batch.pop("_device_errors", [])):
+            row = first + j
+            batch["errors"].append((batch["shard"][row], batch["index"][row], batch["key"][row], reason))
+            for name in ("shard", "index", "key", "width", "height"):
+                del batch[name][row]
+        kept = [im for im in images if im is not None]
+        parts = [batch["pixels"].to(self.device, non_blocking=True)] if batch["pixels"] is not None else []
+        if kept:
+            parts.append(self._resize(kept))
+        return torch.cat(parts) if parts else None
+
+    def _resize(self, images: list[torch.Tensor]) -> torch.Tensor:
+        h, w = self.size
+        out = torch.empty((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, im in enumerate(images):
+            by_shape.setdefault(tuple(im.shape), []).append(j)
+        for indices in by_shape.values():  # photos share a few sizes: one interpolation per size
+            x = torch.stack([images[j] for j in indices]).float()
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            out[indices] = x.round_().clamp_(0, 255).to(torch.uint8)
+        return out
 
     def launch(self, pixels: torch.Tensor) -> Callable[[], dict[str, np.ndarray]]:
         """Start the batch on the device and return a function that waits for its rows. On CUDA the results come

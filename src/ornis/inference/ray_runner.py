@@ -51,7 +51,8 @@ def run_with_ray(
     if not ray.is_initialized():
         ray.init(address=address, **(init_kwargs or {}))
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    # One GPU a task when the cluster has GPUs, unless the job was pinned to the CPU
+    gpus = int(resources.get("GPU", 0)) if job.device is None or job.device.startswith("cuda") else 0
     tasks = num_tasks or max(1, gpus)
     if cpus_per_task is None:
         cpus_per_task = max(1.0, float(resources.get("CPU", 1)) // tasks)

@@ -265,7 +265,9 @@ class Hiera(Encoder):
         units = (H // TOTAL_STRIDE, W // TOTAL_STRIDE)
         if keep is not None:
             unit_mask = torch.zeros(B, units[0] * units[1], dtype=x.dtype, device=x.device).scatter_(1, keep, 1.0)
-            pixel_mask = unit_mask.view(B, 1, units[0], 1, units[1], 1).expand(-1, -1, -1, TOTAL_STRIDE, -1, TOTAL_STRIDE)
+            pixel_mask = unit_mask.view(B, 1, units[0], 1, units[1], 1).expand(
+                -1, -1, -1, TOTAL_STRIDE, -1, TOTAL_STRIDE
+            )
             x = x * pixel_mask.reshape(B, 1, H, W)
         x = self.stem(x)
         grid = (x.shape[-2], x.shape[-1])
@@ -277,7 +279,9 @@ class Hiera(Encoder):
             tokens = tokens.gather(2, index).reshape(B, -1, tokens.shape[-1])
         return tokens, units
 
-    def _run_stages(self, x: torch.Tensor, last: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _run_stages(
+        self, x: torch.Tensor, last: int, keep: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         kept: dict[int, torch.Tensor] = {}
         for i, stage in enumerate(self.body.children()):
             if i > last:
@@ -318,7 +322,9 @@ class Hiera(Encoder):
         _, kept = self._run_stages(tokens, max(wanted), wanted)
         return {names[i]: self._stage_map(kept[i], i, units) for i in wanted}
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> Features:
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+    ) -> Features:
         """Chosen stages' outputs as NCHW maps keyed ``stage{i + 1}`` (``indices`` are 0-based stage positions,
         negative from the end; an int n means the last n stages). ``norm=True`` applies the final LayerNorm to the
         last stage's map (the only one of its width). ``patch_tokens``: the last stage with the final norm applied
@@ -366,7 +372,9 @@ class Hiera(Encoder):
         boolean keep mask (B, units), as the reference does."""
         keep_mask = (1 - mask).bool()
         B = keep_mask.shape[0]
-        keep = keep_mask.nonzero(as_tuple=True)[1].view(B, -1)  # ascending per row
+        # Ascending per row. nonzero() syncs with the host (the count is data); masked_encoding_omission with
+        # ids_keep does not
+        keep = keep_mask.nonzero(as_tuple=True)[1].view(B, -1)
         tokens, _ = self._tokens(x, keep)
         names = [f"stage{i + 1}" for i in range(len(self.body))]
         wanted = [i for i, n in enumerate(names) if n in self.return_stages]
@@ -411,7 +419,9 @@ _SIZES = {
 def _register_family() -> None:
     for size, (depths, dim, heads, dpr) in _SIZES.items():
         for abswin, prefix in ((False, "hiera"), (True, "hiera_abswin")):
-            cfg = HieraConfig(depths=depths, embed_dim=dim, num_heads=heads, abs_win_pos_embed=abswin, drop_path_rate=dpr)
+            cfg = HieraConfig(
+                depths=depths, embed_dim=dim, num_heads=heads, abs_win_pos_embed=abswin, drop_path_rate=dpr
+            )
             register_model(f"{prefix}_{size}", Hiera, cfg)
 
 

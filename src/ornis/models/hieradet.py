@@ -121,7 +121,9 @@ class MultiScaleAttention(nn.Module):
 
 
 class MultiScaleBlock(nn.Module):
-    def __init__(self, dim: int, dim_out: int, num_heads: int, drop_path: float, q_pool: bool, window_size: int) -> None:
+    def __init__(
+        self, dim: int, dim_out: int, num_heads: int, drop_path: float, q_pool: bool, window_size: int
+    ) -> None:
         super().__init__()
         if q_pool and window_size % 2:
             raise ValueError(f"a query-pooling block needs an even window, got {window_size}")
@@ -135,7 +137,6 @@ class MultiScaleBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, _ = x.shape
         x_norm = self.norm1(x)
         shortcut = x
         if self.proj is not None:
@@ -147,7 +148,7 @@ class MultiScaleBlock(nn.Module):
             out = self.attn(windows)
             if self.q_pool:
                 padded = (padded[0] // 2, padded[1] // 2)
-            out = window_unpartition(out, B, padded, (shortcut.shape[1], shortcut.shape[2]))
+            out = window_unpartition(out, x.shape[0], padded, (shortcut.shape[1], shortcut.shape[2]))
         else:
             out = self.attn(x_norm)
         x = shortcut + self.drop_path(out)
@@ -162,12 +163,16 @@ class SpatialMean(nn.Module):
 class HieraDet(Encoder):
     family = "hieradet"
 
-    def __init__(self, config: HieraDetConfig, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
+    def __init__(
+        self, config: HieraDetConfig, num_classes: int, size: tuple[int, int], name: str | None = None
+    ) -> None:
         super().__init__(config, num_classes, size, name)
         cfg = config
         check_size(self.name, self.size)
         if len(cfg.depths) != 4 or len(cfg.window_spec) != 4:
-            raise ValueError(f"{self.name}: HieraDet needs 4 stages, got depths {cfg.depths}, windows {cfg.window_spec}")
+            raise ValueError(
+                f"{self.name}: HieraDet needs 4 stages, got depths {cfg.depths}, windows {cfg.window_spec}"
+            )
         self.stem = ConvStem(3, cfg.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, *cfg.global_pos_size))
         self.pos_embed_win = nn.Parameter(torch.zeros(1, cfg.embed_dim, cfg.window_spec[0], cfg.window_spec[0]))
@@ -210,7 +215,9 @@ class HieraDet(Encoder):
         pos = background + window.tile(1, 1, grid[0] // window.shape[2], grid[1] // window.shape[3])
         return pos.permute(0, 2, 3, 1)
 
-    def _tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    def _tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         check_size(self.name, x.shape[-2:])
         x = self.stem(x).permute(0, 2, 3, 1)  # channels-last view of the conv's output
         if mask is not None:
@@ -221,7 +228,9 @@ class HieraDet(Encoder):
             x = x * (1.0 - m) + (mask_token.expand(B, Y, X, -1) * m if mask_token is not None else 0.0)
         return x + self._pos_embed((x.shape[1], x.shape[2]))
 
-    def _run_stages(self, x: torch.Tensor, last: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _run_stages(
+        self, x: torch.Tensor, last: int, keep: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         kept: dict[int, torch.Tensor] = {}
         for i, stage in enumerate(self.body.children()):
             if i > last:
@@ -254,7 +263,9 @@ class HieraDet(Encoder):
         _, kept = self._run_stages(self._tokens(x), max(wanted), wanted)
         return {names[i]: kept[i].permute(0, 3, 1, 2) for i in wanted}
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> Features:
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+    ) -> Features:
         """Chosen stages' outputs as NCHW maps keyed ``stage{i + 1}`` (``indices`` are 0-based stage positions,
         negative from the end; an int n means the last n stages). ``norm=True`` applies the final LayerNorm to the
         last stage's map (the only one of its width). ``patch_tokens``: the last stage after the final norm."""
@@ -262,7 +273,10 @@ class HieraDet(Encoder):
         last = len(self.body) - 1
         final, kept = self._run_stages(self._tokens(x), last, stages)
         final_norm = self.features[0]
-        maps = {f"stage{i + 1}": (final_norm(kept[i]) if norm and i == last else kept[i]).permute(0, 3, 1, 2) for i in stages}
+        maps = {
+            f"stage{i + 1}": (final_norm(kept[i]) if norm and i == last else kept[i]).permute(0, 3, 1, 2)
+            for i in stages
+        }
         normed = final_norm(final)
         return Features(maps=maps, patch_tokens=normed.permute(0, 3, 1, 2), embedding=normed.mean(dim=(1, 2)))
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -226,9 +225,9 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, recipe: Reci
         if not dist.is_initialized():
             raise OrnisError("fsdp=True needs a distributed launch (torchrun)")
         for name, module in model.named_modules():
-            # the repeated transformer blocks: children of a container named like "block(s)"
+            # the repeated transformer blocks: numbered children of "block(s)" / "stage<k>" containers
             parent = name.rsplit(".", 1)[0] if "." in name else ""
-            if re.search(r"(^|\.)(blocks?|stages?)$", parent) and name.rsplit(".", 1)[-1].isdigit():
+            if re.search(r"(^|\.)(blocks?|stage\d+)$", parent) and name.rsplit(".", 1)[-1].isdigit():
                 fully_shard(module)
         fully_shard(model)
         return model

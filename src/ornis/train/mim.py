@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ornis.models.base import Encoder
@@ -83,12 +82,13 @@ class MaskedAutoencoder(nn.Module):
     """
 
     def __init__(self, encoder: Encoder, decoder_dim: int = 256, decoder_depth: int = 4, decoder_heads: int = 8,
-                 mask_ratio: float = 0.75, mask_unit: int | None = None, norm_pix: bool = True) -> None:
+                 mask_ratio: float | None = None, mask_unit: int | None = None, norm_pix: bool = True) -> None:
         super().__init__()
         from ornis.models.hiera import TOTAL_STRIDE, Hiera
 
         self.encoder = encoder
-        self.mask_ratio = mask_ratio
+        # MAE's 0.75 for a plain ViT; Hiera's paper (and the reference) use 0.6 of the mask units
+        self.mask_ratio = mask_ratio if mask_ratio is not None else 0.6 if isinstance(encoder, Hiera) else 0.75
         self.norm_pix = norm_pix
         width = encoder.embedding_size
         self.fusion_heads: nn.ModuleList | None = None
@@ -110,6 +110,9 @@ class MaskedAutoencoder(nn.Module):
                 for i, c in enumerate(encoder.return_channels)
             )
             self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
+            # The pooled embedding's final norm is not on the masked path: frozen, so DDP does not wait for its
+            # gradient (MAE-Hiera leaves it at its initial values too)
+            encoder.features.requires_grad_(False)
         else:
             raise TypeError(f"masked image modelling supports the vit and hiera families, got "
                             f"{getattr(encoder, 'family', type(encoder).__name__)!r}")
@@ -219,7 +222,7 @@ class MIMOptions:
     arch: str | None = None  # or start from scratch
     size: int | None = None
     model_config: dict[str, Any] | None = None
-    mask_ratio: float = 0.75
+    mask_ratio: float | None = None  # default: 0.75 for ViT, 0.6 for Hiera
     mask_unit: int | None = None  # ViT: mask-unit side in patches (default 1); Hiera: its own, leave unset
     decoder_dim: int = 256
     decoder_depth: int = 4
@@ -257,5 +260,5 @@ def train_mim(opts: MIMOptions, cfg: TrainConfig) -> TrainResult:
     mae, rgb_stats = build_mae(opts)
     transform = train_transform(mae.encoder.size, rgb_stats, scale=opts.crop_scale, auto_augment=None)
     units = mae.units_grid
-    transform = MaskedSample(transform, units[0] * units[1], opts.mask_ratio)
+    transform = MaskedSample(transform, units[0] * units[1], mae.mask_ratio)
     return run(MIMRecipe(mae, rgb_stats), SampleDataset(source, transform), cfg)

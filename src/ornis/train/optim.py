@@ -13,8 +13,9 @@ from torch import nn
 
 # Parameters that are positions or learned tokens, not weights: decaying them towards 0 only hurts (ViT, MAE, DINOv2)
 NO_DECAY_NAMES = re.compile(r"(pos_embed|pos_embedding|class_token|cls_token|reg_tokens|register_tokens|mask_token)")
-# A repeated block: a numbered child of a container called block/blocks (ViT: encoder.block.3, Hiera: blocks.7)
-BLOCK_INDEX = re.compile(r"(?:^|\.)blocks?\.(\d+)\.")
+# A repeated block: a numbered child of a container called block / blocks / stage<k> (ViT: encoder.block.3,
+# Hiera and HieraDet: body.stage2.1)
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:blocks?|stage\d+)\.(\d+)\.")
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

@@ -7,6 +7,8 @@ rank's rows), so the targets do not depend on how a batch is split over processe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,7 +17,11 @@ from ornis.train.dino_v2.dist import all_reduce_max, all_reduce_sum
 
 def _global_logsumexp_over_rows(log_q: torch.Tensor) -> torch.Tensor:
     """log of the column sums of exp(log_q) over the rows of every rank, (1, K); stable for any magnitude."""
-    peak = all_reduce_max(log_q.amax(dim=0, keepdim=True).clone())
+    if log_q.shape[0]:
+        peak = log_q.amax(dim=0, keepdim=True)
+    else:  # no rows here (a rank whose views drew no iBOT mask): it still joins the collectives
+        peak = log_q.new_full((1, log_q.shape[1]), -math.inf)
+    peak = all_reduce_max(peak.clone())
     total = all_reduce_sum((log_q - peak).exp().sum(dim=0, keepdim=True))
     return peak + total.log()
 
@@ -65,7 +71,9 @@ class SoftmaxCentering(nn.Module):
     def update(self, teacher_logits: torch.Tensor) -> None:
         # Sum and count over every rank: the exact global mean even when ranks hold different numbers of rows
         # (the masked patches of iBOT), and no update from an empty step
-        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_full((1,), teacher_logits.shape[0]).float()])
+        stats = torch.cat(
+            [teacher_logits.float().sum(dim=0), teacher_logits.new_full((1,), teacher_logits.shape[0]).float()]
+        )
         all_reduce_sum(stats)
         count = float(stats[-1])
         if count == 0:

@@ -21,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--weights", help="continue pretraining a published name or a checkpoint file")
     start.add_argument("--arch", help="pretrain this architecture from scratch (ornis models)")
-    parser.add_argument("--model-config", type=json.loads, default=None,
-                        help='architecture overrides (from scratch) as JSON, e.g. \'{"drop_path_rate": 0.1}\'')
+    parser.add_argument(
+        "--model-config",
+        type=json.loads,
+        default=None,
+        help="architecture overrides (from scratch) as JSON, e.g. '{\"drop_path_rate\": 0.1}'",
+    )
     g = parser.add_argument_group("DINOv2")
     g.add_argument("--global-size", type=int, default=c.global_size, help="global crop size")
     g.add_argument("--local-size", type=int, default=c.local_size, help="local crop size")
@@ -33,8 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--head-layers", type=int, default=h.num_layers)
     g.add_argument("--separate-ibot-head", action="store_true", help="score patches with their own head")
     g.add_argument("--centering", choices=["sinkhorn_knopp", "softmax"], default=d.centering)
-    g.add_argument("--sinkhorn-queue-size", type=int, default=d.sinkhorn_queue_size,
-                   help="earlier teacher outputs (rows per process) joining Sinkhorn-Knopp; helps small batches")
+    g.add_argument(
+        "--sinkhorn-queue-size",
+        type=int,
+        default=d.sinkhorn_queue_size,
+        help="earlier teacher outputs (rows per process) joining Sinkhorn-Knopp; helps small batches",
+    )
     g.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
     g.add_argument("--warmup-teacher-temp", type=float, default=d.warmup_teacher_temp)
     g.add_argument("--warmup-teacher-temp-steps", type=int, default=d.warmup_teacher_temp_steps)
@@ -48,15 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> DinoV2Options:
-    heads = HeadConfig(args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim, args.head_layers,
-                       args.separate_ibot_head)
+    heads = HeadConfig(
+        args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim, args.head_layers, args.separate_ibot_head
+    )
     names = {f.name for f in fields(DinoV2Config)} - {"heads", "patch_sizes"}
-    method = DinoV2Config(heads=heads, patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
-                          **{k: getattr(args, k) for k in names if hasattr(args, k)})
+    method = DinoV2Config(
+        heads=heads,
+        patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
+        **{k: getattr(args, k) for k in names if hasattr(args, k)},
+    )
     crops = MultiCropConfig(args.global_size, args.local_size, args.local_crops)
     data = args.data[0] if len(args.data) == 1 else args.data
-    return DinoV2Options(data=data, weights=args.weights, arch=args.arch, model_config=args.model_config,
-                         method=method, crops=crops)
+    return DinoV2Options(
+        data=data, weights=args.weights, arch=args.arch, model_config=args.model_config, method=method, crops=crops
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@ prototype scores (DINO, Caron et al., 2021; the same head in DINOv2)."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +47,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"a DINO head needs at least 1 layer, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
             layers.append(nn.Linear(a, b))
             if i < num_layers - 1:
                 layers.append(nn.GELU())

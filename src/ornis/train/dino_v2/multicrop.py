@@ -80,7 +80,9 @@ def collate_views(samples: Sequence[Mapping[str, list[torch.Tensor]]]) -> dict[s
     return out
 
 
-def block_mask(grid: tuple[int, int], num_masked: int, rng: random.Random, min_block: int = 4, max_aspect: float = 3.3) -> torch.Tensor:
+def block_mask(
+    grid: tuple[int, int], num_masked: int, rng: random.Random, min_block: int = 4, max_aspect: float = 3.3
+) -> torch.Tensor:
     """A (h, w) bool mask of about ``num_masked`` patches made of random rectangles (BEiT / iBOT block masking).
 
     Rectangles of area in [min_block, what is left] and aspect ratio log-uniform in [1/max_aspect, max_aspect]

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ornis.errors import OrnisError
 from ornis.models.base import Encoder
 from ornis.train.data import SampleDataset, open_source
 from ornis.train.dino_v2.backbones import family_of, mask_grid
@@ -84,10 +85,16 @@ class DinoV2Recipe(Recipe):
         self.model = SelfDistillationNet(backbone, self.config.heads)
         self.teacher = make_teacher(self.model)
         out_dim = self.config.heads.out_dim
-        self.centering = nn.ModuleDict({"dino": SoftmaxCentering(out_dim, self.config.center_momentum),
-                                        "ibot": SoftmaxCentering(out_dim, self.config.center_momentum)})
+        self.centering = nn.ModuleDict(
+            {
+                "dino": SoftmaxCentering(out_dim, self.config.center_momentum),
+                "ibot": SoftmaxCentering(out_dim, self.config.center_momentum),
+            }
+        )
         size = self.config.sinkhorn_queue_size
-        self.queues = nn.ModuleDict({"dino": LogitQueue(size, out_dim), "ibot": LogitQueue(size, out_dim)}) if size else None
+        self.queues = (
+            nn.ModuleDict({"dino": LogitQueue(size, out_dim), "ibot": LogitQueue(size, out_dim)}) if size else None
+        )
         self.patch_sizes = self._patch_sizes(backbone)
         self.total_steps = 1
 
@@ -117,6 +124,9 @@ class DinoV2Recipe(Recipe):
 
     # -- the loop's hooks -------------------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        if cfg.fsdp:
+            # the EMA would have to run shard by shard against an equally sharded teacher; not written yet
+            raise OrnisError("dino-v2 runs with DDP only; fsdp=True is not supported for this recipe")
         for module in (self.model, self.teacher, self.centering, self.queues):
             if module is not None:
                 module.to(device)
@@ -132,7 +142,8 @@ class DinoV2Recipe(Recipe):
         """(G*B, h*w) bool, view-major like the global crops; each sample's masks a function of its seed."""
         cfg = self.config
         per_sample = [
-            sample_masks(grid, GLOBAL_VIEWS, mask_rng(seed), cfg.mask_probability, cfg.mask_ratio) for seed in mask_seeds
+            sample_masks(grid, GLOBAL_VIEWS, mask_rng(seed), cfg.mask_probability, cfg.mask_ratio)
+            for seed in mask_seeds
         ]
         return torch.stack(per_sample, dim=1).flatten(0, 1)
 
@@ -146,7 +157,9 @@ class DinoV2Recipe(Recipe):
             queue.push(teacher_logits.float())
         return probs
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         patch_size = self.patch_size_at(step)
@@ -167,7 +180,9 @@ class DinoV2Recipe(Recipe):
         if student.local_logits is not None:
             student_views += list(student.local_logits.chunk(self.crops.local_crops))
         loss_dino = dino_loss(student_views, list(dino_targets.chunk(GLOBAL_VIEWS)), cfg.student_temp)
-        loss_ibot = ibot_loss(student.masked_patch_logits, ibot_targets, patch_weights, masks.shape[0], cfg.student_temp)
+        loss_ibot = ibot_loss(
+            student.masked_patch_logits, ibot_targets, patch_weights, masks.shape[0], cfg.student_temp
+        )
         loss_koleo = sum(koleo_loss(e, cfg.koleo_eps) for e in student.global_embedding.chunk(GLOBAL_VIEWS))
         loss = cfg.dino_weight * loss_dino + cfg.ibot_weight * loss_ibot + cfg.koleo_weight * loss_koleo
         logs = {

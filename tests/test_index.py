@@ -1,0 +1,131 @@
+"""Nearest-neighbour search: exact search against brute force, FAISS recall against exact, files, near-duplicates,
+and the ``ornis index`` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ornis.errors import EmbeddingsFormatError
+from ornis.eval.index import (
+    EmbeddingIndex,
+    build_index,
+    choose_kind,
+    exact_search,
+    near_duplicates,
+    normalize_rows,
+    recall_at_k,
+)
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """Embeddings with structure, as real ones have: points around a few hundred centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return (centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def test_exact_search_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    db, q = normalize_rows(rng.normal(size=(300, 16))), normalize_rows(rng.normal(size=(20, 16)))
+    scores, ids = exact_search(db, q, 5, chunk_size=7)  # several chunks
+    sim = q @ db.T
+    want = np.argsort(-sim, axis=1)[:, :5]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(sim, want, 1), rtol=1e-5)
+
+
+def test_kind_is_chosen_by_size() -> None:
+    assert choose_kind(49_999) == "exact" and choose_kind(50_000) == "ivf_flat"
+    index = build_index(np.ones((10, 4)), kind="auto")
+    assert index.kind == "exact" and index.recall_at_10 is None
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "hnsw"])
+def test_approximate_index_reaches_its_target_recall(kind: str, tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    data = clustered(6300, 32, 200)
+    index = build_index(data[:6000], kind=kind, target_recall=0.95)
+    assert index.recall_at_10 >= 0.95
+    # Fresh queries from the same distribution, not rows of the index: recall holds beyond the build-time sample
+    queries = normalize_rows(data[6000:])
+    _, approx = index.search(queries, 10, normalized=True)
+    _, exact = exact_search(index.embeddings, queries, 10)
+    assert recall_at_k(approx, exact) >= 0.93
+    loaded = EmbeddingIndex.load(index.save(tmp_path / "idx"))
+    assert loaded.kind == kind and loaded.params == index.params
+    np.testing.assert_array_equal(loaded.search(queries, 10, normalized=True)[1], approx)
+
+
+@pytest.mark.slow
+def test_faiss_recall_at_10_on_100k_random_vectors() -> None:
+    """Acceptance: recall@10 >= 0.95 against exact search on 100k random vectors (IVF-Flat chosen by size).
+    Measured: 0.96 at nprobe 512 of 1264 lists (random vectors have no clusters, so IVF must probe many lists)."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100_000, 64)).astype(np.float32)
+    index = build_index(x)
+    assert index.kind == "ivf_flat" and len(index) == 100_000
+    assert index.recall_at_10 >= 0.95
+    queries = normalize_rows(rng.standard_normal((500, 64)))
+    _, approx = index.search(queries, 10, normalized=True)
+    _, exact = exact_search(index.embeddings, queries, 10)
+    assert recall_at_k(approx, exact) >= 0.95
+
+
+def test_near_duplicates_finds_exactly_the_planted_pairs() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 32)).astype(np.float32)  # random 32-d rows: pairwise cosine well below 0.8
+    planted = [(5, 150), (17, 42), (99, 100)]
+    for a, b in planted:
+        x[b] = x[a] + 0.01 * rng.normal(size=32)
+    x[60] = x[5] * 3.0  # a rescaled copy is a duplicate under cosine
+    pairs = near_duplicates(build_index(x), threshold=0.9)
+    found = {(p.a, p.b) for p in pairs}
+    assert found == {(5, 150), (17, 42), (99, 100), (5, 60), (60, 150)}
+    assert all(p.similarity > 0.99 for p in pairs)
+    assert pairs[0].similarity >= pairs[-1].similarity
+
+
+def test_index_files_round_trip_and_errors(tmp_path: Path) -> None:
+    x = clustered(100, 8, 5)
+    index = build_index(x, [f"img/{i}.jpg" for i in range(100)], model="m")
+    loaded = EmbeddingIndex.load(index.save(tmp_path / "idx"))
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+    assert loaded.paths == index.paths and loaded.model == "m" and loaded.row_of("7.jpg") == 7
+    with pytest.raises(EmbeddingsFormatError, match="not an index folder"):
+        EmbeddingIndex.load(tmp_path)
+    with pytest.raises(EmbeddingsFormatError, match="queries have 3 dimensions, the index has 8"):
+        index.search(np.zeros((1, 3)))
+    with pytest.raises(EmbeddingsFormatError, match="1 paths for 100 embeddings"):
+        build_index(x, ["a"])
+
+
+def write_parquet(path: Path, embeddings: np.ndarray, paths: list[str]) -> Path:
+    col = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])
+    pq.write_table(pa.table({"path": pa.array(paths), "embedding": col}), path)
+    return path
+
+
+def test_cli_index_build_search_duplicates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ornis.cli.main import main
+
+    x = clustered(500, 16, 20)
+    x[400] = x[3]
+    paths = [f"/photos/{i:03d}.jpg" for i in range(500)]
+    emb = write_parquet(tmp_path / "emb.parquet", x, paths)
+    assert main(["index", "build", str(emb), "-o", str(tmp_path / "idx")]) == 0
+    assert "exact index of 500 x 16" in capsys.readouterr().out
+    assert main(["index", "search", str(tmp_path / "idx"), "3", "/photos/010.jpg", "-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "3 (row 3)" and out[1].split()[-1] == "/photos/400.jpg" and out[1].split()[1] == "1.0000"
+    assert out[3] == "/photos/010.jpg (row 10)" and len(out) == 6
+    assert main(["index", "duplicates", str(tmp_path / "idx"), "--threshold", "0.999", "--csv", str(tmp_path / "d.csv")]) == 0
+    assert "1 pair(s)" in capsys.readouterr().out
+    assert (tmp_path / "d.csv").read_text().splitlines()[1].startswith("/photos/003.jpg,/photos/400.jpg,")
+    assert main(["index", "search", str(tmp_path / "idx"), "999"]) == 1
+    assert "out of range" in capsys.readouterr().err
