@@ -8,7 +8,8 @@ different seed. Everything is generated, so no download is needed; on 2 CPU core
     python scripts/train_tiny_model.py                 # train, measure, print the numbers
     python scripts/train_tiny_model.py --install       # ... and copy the model into src/ornis/assets/
 
-``--install`` also (re)writes the sample images in ``src/ornis/assets/samples/`` and prints the model's sha256, which ``ornis/assets/__init__.py`` records (update it there).
+``--install`` also (re)writes the sample images in ``src/ornis/assets/samples/`` and records the model's sha256 and size
+in ``src/ornis/assets/__init__.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -115,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(result.checkpoint, dst)
         write_sample_images(dst.parent / "samples")
         (dst.parent / "training_summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "checkpoint"}, indent=2) + "\n")
-        print(f"installed {dst}; set SHA256 in src/ornis/assets/__init__.py to {summary['sha256']}")
+        record = dst.parent / "__init__.py"
+        text = re.sub(r'^DEMO_MODEL_SHA256 = ".*"$', f'DEMO_MODEL_SHA256 = "{summary["sha256"]}"', record.read_text(), flags=re.MULTILINE)
+        text = re.sub(r"^DEMO_MODEL_SIZE_MB = .*$", f"DEMO_MODEL_SIZE_MB = {summary['size_mb']}", text, flags=re.MULTILINE)
+        record.write_text(text)
+        print(f"installed {dst}; recorded its sha256 {summary['sha256']} in {record}")
     return 0
 
 

@@ -238,6 +238,15 @@ def test_grad_accumulation_equals_one_big_batch(shapes):
     assert max(abs(a.losses[s] - b.losses[s]) for s in range(3)) < 1e-5
 
 
+def test_loader_workers_do_not_change_the_numbers(shapes):
+    """Augmentations are seeded per sample, not per worker: 2 loader processes give the losses of 0."""
+    ds = toy_dataset(shapes)
+    base = dict(steps=3, batch_size=6, log_every=0)
+    inline = run(ToyRecipe(), ds, TrainConfig(**base))
+    workers = run(ToyRecipe(), ds, TrainConfig(**base, num_workers=2))
+    assert workers.losses == inline.losses
+
+
 def test_resume_is_exact_with_ema_and_states_file(tmp_path, shapes):
     ds = toy_dataset(shapes)
     kw = dict(steps=8, batch_size=6, lr=5e-3, warmup_steps=2, ema_decay=0.8, log_every=1, grad_accum=2)

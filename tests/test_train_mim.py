@@ -111,6 +111,15 @@ def test_loss_goes_down_on_an_unlabelled_folder(tmp_path, photos_folder, arch):
     emb = net.embedding(torch.randn(2, 3, size, size))
     assert emb.shape == (2, net.embedding_size) and torch.isfinite(emb).all()
     assert not any(k.startswith("decoder") for k in ornis.read_checkpoint(result.checkpoint).state)
+    if arch == "hiera":  # and `ornis embed` uses the file directly
+        import pyarrow.parquet as pq
+
+        from ornis.cli.main import main
+
+        assert main(["embed", "-m", str(result.checkpoint), str(photos_folder), "-o", str(tmp_path / "emb"),
+                     "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+        table = pq.read_table(tmp_path / "emb" / "part-00000.parquet")
+        assert table.num_rows == 36 and table.schema.field("embedding").type.list_size == net.embedding_size
 
 
 def test_resume_gives_the_same_losses_and_continue_from_a_checkpoint(tmp_path, photos_folder):

@@ -51,12 +51,16 @@ DEFAULT_TOLERANCE = 1e-4
 META_KEYS = ("ornis_version", "task", "class_to_idx", "signature", "rgb_stats", "network", "export")
 
 # family -> why its graph cannot take another input size than the one it was exported for
+_PINNED = (
+    "its size check (ornis.models.hiera.check_size) turns the input sides into Python ints, which pins a traced "
+    "graph to the traced size"
+)
 FIXED_SIZE_FAMILIES: dict[str, str] = {
     "hiera": (
-        "Hiera's mask-unit attention splits the token grid into windows whose count and layout are fixed by the "
-        "size the model was built for, and its position embedding is a table for that grid (the reference refuses "
-        "set_dynamic_size for Hiera too); export one file per input size with --size H W instead"
+        f"Hiera lays its tokens out in mask units from the input grid, and {_PINNED} (the reference refuses "
+        "set_dynamic_size for Hiera as well); export one file per input size with --size H W"
     ),
+    "hieradet": f"HieraDet's window partitioning is built from the input grid, and {_PINNED}; export one file per input size with --size H W",
 }
 
 
@@ -188,6 +192,8 @@ def export_model(
     size = net.size if size is None else ((size, size) if isinstance(size, int) else (int(size[0]), int(size[1])))
     if check_batch < 1:
         raise ExportError(f"check_batch must be at least 1, found {check_batch}")
+    if fmt == "onnx":
+        _require_onnx_tools()
 
     tmp = _reserve_temporary(path)
     was_training = net.training
@@ -459,6 +465,15 @@ def _reserve_temporary(path: Path) -> Path:
         raise ExportError(f"{path}: the output folder {path.parent} cannot be written ({e.strerror or e})") from None
     os.close(fd)
     return Path(tmp)
+
+
+def _require_onnx_tools() -> None:
+    """ONNX export needs onnx + onnxscript (torch's exporter) and onnxruntime (the check); none is an ornis dependency."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {', '.join(missing)}, which ornis does not depend on: pip install {' '.join(missing)}")
 
 
 @contextlib.contextmanager

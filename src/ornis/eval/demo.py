@@ -59,9 +59,11 @@ class DemoResult:
         lines += [
             "",
             f"samples: {sum(s.predicted == s.true_class for s in self.samples)}/{len(self.samples)} classified correctly",
-            f"held-out generated set ({self.held_out_count} images, never seen in training): "
-            f"top-1 {self.held_out_top1:.3f} (classifier), {self.held_out_knn_top1:.3f} (k-NN on embeddings, "
-            f"leave-one-out); chance is {1 / len(SHAPE_CLASSES):.3f}",
+            (
+                f"held-out generated set ({self.held_out_count} images, never seen in training): "
+                f"top-1 {self.held_out_top1:.3f} (classifier), {self.held_out_knn_top1:.3f} (k-NN on embeddings, "
+                f"leave-one-out); chance is {1 / len(SHAPE_CLASSES):.3f}"
+            ),
             f"embeddings: {self.embeddings_dir}  classes: {self.classes_dir}  ({self.seconds:.1f} s)",
         ]
         return "\n".join(lines)
@@ -87,7 +89,7 @@ def run_demo(
     out = Path(out)
     emb_dir, cls_dir = out / "embeddings", out / "classes"
     # A handful of images: no loader worker processes to start, no progress bar
-    options = dict(num_workers=0, batch_size=32, progress=False, device="cpu")
+    options = {"num_workers": 0, "batch_size": 32, "progress": False, "device": "cpu"}
     embed([str(samples_dir)], model=model, out=emb_dir, **options)
     classify([str(samples_dir)], model=model, out=cls_dir, top_k=3, **options)
     timings = {"batch_runner": time.perf_counter() - started}

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ornis.errors import EmbeddingsFormatError, OrnisError
 
@@ -106,7 +105,7 @@ class EmbeddingIndex:
             self._rows = {p: i for i, p in enumerate(self.paths)}
         if path in self._rows:
             return self._rows[path]
-        matches = [i for i, p in enumerate(self.paths) if p.endswith(os.sep + path) or p.endswith("/" + path)]
+        matches = [i for i, p in enumerate(self.paths) if p.endswith((os.sep + path, "/" + path))]
         if len(matches) == 1:
             return matches[0]
         found = f"{len(matches)} rows end with it" if matches else "no row has it"
@@ -134,7 +133,7 @@ class EmbeddingIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "EmbeddingIndex":
+    def load(cls, folder: str | os.PathLike) -> EmbeddingIndex:
         folder = Path(folder)
         meta_path = folder / "index.json"
         if not meta_path.is_file():

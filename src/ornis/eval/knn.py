@@ -7,9 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ornis.errors import EmbeddingsFormatError
 from ornis.eval.labels import EmbeddingTable
 from ornis.eval.metrics import ClassificationReport, classification_report
-from ornis.errors import EmbeddingsFormatError
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07

@@ -30,7 +30,7 @@ class EmbeddingTable:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, rows: np.ndarray) -> "EmbeddingTable":
+    def subset(self, rows: np.ndarray) -> EmbeddingTable:
         labels = None if self.labels is None else self.labels[rows]
         return EmbeddingTable([self.paths[i] for i in rows], self.embeddings[rows], labels, self.class_names, self.model)
 
@@ -47,7 +47,7 @@ def embeddings_from_column(column, source: str | os.PathLike, name: str = EMBEDD
         return np.zeros((0, getattr(column.type, "list_size", 0)), dtype=np.float32)
     if column.null_count:
         raise EmbeddingsFormatError(f"{source}: column {name!r} has {column.null_count} empty rows (failed images?)")
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)  # a writable copy
     if flat.size % len(column):
         raise EmbeddingsFormatError(f"{source}: column {name!r} rows have different lengths")
     return flat.reshape(len(column), -1)
@@ -125,7 +125,7 @@ def stratified_split(labels: np.ndarray, held_out: float, seed: int = 0) -> tupl
     kept, out = [], []
     for c in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == c))
-        n_out = min(len(rows) - 1, int(round(len(rows) * held_out)))
+        n_out = min(len(rows) - 1, round(len(rows) * held_out))
         out.append(rows[:n_out])
         kept.append(rows[n_out:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(out))

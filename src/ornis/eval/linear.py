@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ornis.errors import EmbeddingsFormatError
 from ornis.eval.labels import EmbeddingTable, stratified_split
 from ornis.eval.metrics import ClassificationReport, classification_report
-from ornis.errors import EmbeddingsFormatError
 
 DEFAULT_LRS = (1e-3, 1e-2)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)

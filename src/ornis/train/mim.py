@@ -1,11 +1,12 @@
 """Masked image modelling, MAE-style (He et al. 2021): hide most of the image, encode only what is visible, and
 let a light decoder predict the hidden pixels, each patch's pixels normalised by their own mean and variance.
 
-The masked unit is a *mask unit*: a square of ``mask_unit`` x ``mask_unit`` patch tokens (1 for a plain ViT,
-a Hiera's own mask-unit size for Hiera, whose windowed attention needs whole units). The encoder sees only the
-visible units (token omission, the source of MAE's speed); the decoder sees them plus a learned mask token at
-every hidden position, with its own position embedding, and predicts the pixels of every patch; the loss is the
-mean squared error over the hidden patches only.
+What is hidden is a *mask unit*: for a plain ViT a square of ``mask_unit`` x ``mask_unit`` patches (default 1);
+for Hiera its own 8 x 8-token (32 x 32-pixel) unit, as its mask-unit attention needs whole units. The encoder sees
+only the visible units (token omission, the source of MAE's speed); the decoder sees them plus a learned mask token
+at every hidden position, with its own position embedding, and predicts the pixels of every patch (ViT) or unit
+(Hiera); the loss is the mean squared error over the hidden ones only. Masks are drawn per sample in the data
+pipeline (``MaskedSample``), so they repeat on resume and whatever the number of ranks.
 
 The published-format checkpoint holds the encoder alone (no head): ``ornis.load_pretrained_model(path)`` gives
 the pretrained backbone, ready for ``embed`` or fine-tuning with ``ornis train classify --weights``.
