@@ -145,7 +145,7 @@ def test_torchscript_keeps_the_card_api(tmp_path: Path) -> None:
     assert info.custom_config["export"]["format"] == "pts"
 
 
-@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=[pytest.mark.slow, needs_onnx])])
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=needs_onnx)])
 def test_vit_dynamic_size(tmp_path: Path, fmt: str) -> None:
     """One file for every input size whose sides are multiples of the patch size, the model's own size included
     (where the in-graph position-embedding interpolation must be exact)."""
@@ -157,7 +157,6 @@ def test_vit_dynamic_size(tmp_path: Path, fmt: str) -> None:
         assert_matches(path, fmt, net, "features", torch.randn(*shape))
 
 
-@pytest.mark.slow
 @needs_onnx
 def test_flexivit_patch_size_baked_in(tmp_path: Path) -> None:
     """FlexiViT exported at patch size 24 (the card's inference setting): the resampled patch embedding is a

@@ -210,8 +210,9 @@ def export_model(
             check_inputs.append(torch.randn(2, 3, *other, generator=gen).to(param.device, param.dtype))
         with torch.no_grad():
             # Eager first: it also fills Python-side caches (FlexiViT's resize matrices) outside the tracer
-            expected = [_as_list(head(x)) for x in check_inputs]
-        output_names = _output_names(head, output)
+            eager = [head(x) for x in check_inputs]
+        output_names = list(eager[0]) if isinstance(eager[0], dict) else [output]  # feature maps keep their stage names
+        expected = [_as_list(out) for out in eager]
         meta = _metadata(net, fmt, output, output_names, size, dynamic_size, patch_size, class_to_idx, rgb_stats, expected[1])
         try:
             with torch.no_grad():
@@ -369,7 +370,8 @@ def sniff_export_format(path: str | os.PathLike) -> str:
     if not path.is_file():
         raise CheckpointFormatError(path, "no such file")
     if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
         if any("/code/" in n for n in names):
             return "pts"
         if any(n.endswith("/archive_format") or "/models/" in n for n in names):
@@ -500,12 +502,6 @@ def _as_list(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return list(out)
     return [out]
-
-
-def _output_names(head: ExportHead, output: str) -> list[str]:
-    if output == "features":
-        return list(head.net.return_stages)
-    return [output]
 
 
 def _metadata(
