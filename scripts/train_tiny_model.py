@@ -1,6 +1,6 @@
 """Reproduce the model that ships inside ornis (``ornis/assets/``) and that ``ornis demo`` runs offline.
 
-A small ViT (4 blocks, width 128, patch 8, 32 px input; about 0.8 M parameters, 3.3 MB) trained from scratch
+A small ViT (4 blocks, width 128, patch 8, 48 px input; about 0.8 M parameters, 3.3 MB) trained from scratch
 with ornis's own supervised recipe (``ornis.train.supervised.train_classifier``) on procedurally generated images of
 eight shape and texture classes (``ornis.eval.synthetic``), then measured on a held-out generated set drawn with a
 different seed. Everything is generated, so no download is needed; on 2 CPU cores it takes well under 30 minutes.
@@ -32,8 +32,8 @@ from ornis.train.supervised import ClassifyOptions, train_classifier
 from ornis.weights.checkpoint import sha256_file
 
 ARCH = "vit_t16"  # the registered variant the overrides below start from
-MODEL_CONFIG = {"patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "default_size": 32}
-SIZE = 32  # model input; images are drawn at DRAW_SIZE and scaled down (as the 64 px sample images are at inference)
+MODEL_CONFIG = {"patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "default_size": 48}
+SIZE = 48  # model input; images are drawn at DRAW_SIZE and scaled down (as the 64 px sample images are at inference)
 DRAW_SIZE = 64
 TRAIN_SEED = 1  # generated-data seeds: training images, held-out images (ornis demo measures on seed 2 too)
 HELD_OUT_SEED = 2
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         arch=ARCH,
         size=SIZE,
         model_config=MODEL_CONFIG,
-        # Flips and moderate crops keep every class what it is; RandAugment's shears and colour inversions at 32 px
+        # Flips and moderate crops keep every class what it is; RandAugment's shears and colour inversions at 48 px
         # mostly slow the fit of a model this small
         auto_augment=None,
         crop_scale=(0.5, 1.0),

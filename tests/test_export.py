@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import scale_err
 
 import ornis
-from conftest import scale_err
 from ornis.errors import CheckpointFormatError, ExportCheckError, ExportError
 from ornis.export import export_model, load_exported, read_export_metadata
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
-needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="ONNX export needs onnx, onnxscript and onnxruntime (the test extra)")
+needs_onnx = pytest.mark.skipif(
+    not HAVE_ONNX, reason="ONNX export needs onnx, onnxscript and onnxruntime (the test extra)"
+)
 
 TOL = 1e-4
 SIZE = 64
@@ -61,7 +63,9 @@ def small_model(family: str) -> ornis.Encoder:
     return net.eval()
 
 
-def eager_outputs(net: ornis.Encoder, output: str, x: torch.Tensor, patch_size: int | None = None) -> list[torch.Tensor]:
+def eager_outputs(
+    net: ornis.Encoder, output: str, x: torch.Tensor, patch_size: int | None = None
+) -> list[torch.Tensor]:
     kw = {"patch_size": patch_size} if patch_size else {}
     with torch.no_grad():
         if output == "embedding":
@@ -83,7 +87,9 @@ def run_exported(path: Path, fmt: str, x: torch.Tensor) -> list[torch.Tensor]:
     return list(out.values()) if isinstance(out, dict) else [out]
 
 
-def assert_matches(path: Path, fmt: str, net: ornis.Encoder, output: str, x: torch.Tensor, patch_size: int | None = None) -> float:
+def assert_matches(
+    path: Path, fmt: str, net: ornis.Encoder, output: str, x: torch.Tensor, patch_size: int | None = None
+) -> float:
     want = eager_outputs(net, output, x, patch_size)
     got = run_exported(path, fmt, x)
     assert len(got) == len(want)
@@ -103,7 +109,9 @@ SLOW_FAMILIES = {"hiera", "hieradet"}
 @pytest.mark.parametrize(
     "family,fmt,output",
     [
-        pytest.param(*c, id="-".join(c), marks=[pytest.mark.slow] * (c[0] in SLOW_FAMILIES) + [needs_onnx] * (c[1] == "onnx"))
+        pytest.param(
+            *c, id="-".join(c), marks=[pytest.mark.slow] * (c[0] in SLOW_FAMILIES) + [needs_onnx] * (c[1] == "onnx")
+        )
         for c in CASES
     ],
 )
@@ -190,12 +198,16 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
 
 
 def test_dynamic_size_refused(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"cannot be exported to pts with a dynamic input size: TorchScript .* traces"):
+    with pytest.raises(
+        ExportError, match=r"cannot be exported to pts with a dynamic input size: TorchScript .* traces"
+    ):
         export_model(small_model("vit"), tmp_path / "vit.pts", dynamic_size=True)
-    for family, why in (("hiera", "mask units"), ("hieradet", "window partitioning")):
+    for family, why in (("hiera", "check_size"), ("hieradet", "padding of its attention windows")):
         net = small_model(family)
         for fmt in ("pt2", "onnx"):
-            with pytest.raises(ExportError, match=rf"{net.name} cannot be exported to {fmt} with a dynamic input size: .*{why}"):
+            with pytest.raises(
+                ExportError, match=rf"{net.name} cannot be exported to {fmt} with a dynamic input size: .*{why}"
+            ):
                 export_model(net, tmp_path / f"{family}.{fmt}", dynamic_size=True)
     assert leftovers(tmp_path) == []
 
@@ -211,7 +223,7 @@ def test_refused_requests(tmp_path: Path) -> None:
 
 def test_failed_check_deletes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exporter that gets the numbers wrong: the check catches it, the file is deleted, the error says by how much."""
-    import ornis.export as export
+    from ornis import export
 
     real_runner = export._exported_runner
 
@@ -221,7 +233,9 @@ def test_failed_check_deletes_the_file(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(export, "_exported_runner", off_by_a_bit)
     net = small_model("vit")
-    with pytest.raises(ExportCheckError, match=r"differs from the eager model by .* above the tolerance 0.0001; the file was deleted"):
+    with pytest.raises(
+        ExportCheckError, match=r"differs from the eager model by .* above the tolerance 0.0001; the file was deleted"
+    ):
         export_model(net, tmp_path / "m.pts", output="embedding")
     assert leftovers(tmp_path) == []
 

@@ -8,7 +8,7 @@ sides are multiples of the patch size; position embeddings are interpolated in t
 
 * ``pts`` with a dynamic size: TorchScript files are made by tracing, which records one run; every branch on the
   input size (e.g. "interpolate the position embeddings only for another grid") is frozen at the traced size.
-* Families listed in ``FIXED_SIZE_FAMILIES``, for the reason given there.
+* Hiera and HieraDet (``FIXED_SIZE_FAMILIES`` says why): one file per input size, with ``size=(H, W)``.
 
 Every export is checked before it is kept: the file is written under a temporary name, loaded back, and run on
 random batches beside the eager model; the worst difference (relative to the eager output's scale) must be within
@@ -52,15 +52,14 @@ META_KEYS = ("ornis_version", "task", "class_to_idx", "signature", "rgb_stats", 
 
 # family -> why its graph cannot take another input size than the one it was exported for
 _PINNED = (
-    "its size check (ornis.models.hiera.check_size) turns the input sides into Python ints, which pins a traced "
-    "graph to the traced size"
+    "its input-size check (ornis.models.hiera.check_size) turns the sides into Python ints, pinning a trace to one size"
 )
 FIXED_SIZE_FAMILIES: dict[str, str] = {
-    "hiera": (
-        f"Hiera lays its tokens out in mask units from the input grid, and {_PINNED} (the reference refuses "
-        "set_dynamic_size for Hiera as well); export one file per input size with --size H W"
+    "hiera": f"{_PINNED}; export one file per input size with --size H W",
+    "hieradet": (
+        f"{_PINNED}, and even without that, the padding of its attention windows over a symbolic size is beyond "
+        "torch.export's shape solver; export one file per input size with --size H W"
     ),
-    "hieradet": f"HieraDet's window partitioning is built from the input grid, and {_PINNED}; export one file per input size with --size H W",
 }
 
 
@@ -123,7 +122,9 @@ def resolve_format(format: str | None, path: str | os.PathLike) -> str:
     if format is None:
         suffix = Path(path).suffix.lstrip(".").lower()
         if suffix not in FORMATS:
-            raise ExportError(f"{path}: cannot tell the export format from the suffix {suffix!r}; expected one of {', '.join(FORMATS)}")
+            raise ExportError(
+                f"{path}: cannot tell the export format from the suffix {suffix!r}; expected one of {', '.join(FORMATS)}"
+            )
         return suffix
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -182,11 +183,15 @@ def export_model(
     if output not in OUTPUTS:
         raise ExportError(f"unknown export output {output!r}; expected one of {', '.join(OUTPUTS)}")
     if not isinstance(net, Encoder):
-        raise ExportError(f"expected an ornis encoder to export, found a {type(net).__name__} (an exported file cannot be re-exported)")
+        raise ExportError(
+            f"expected an ornis encoder to export, found a {type(net).__name__} (an exported file cannot be re-exported)"
+        )
     if output == "logits" and net.num_classes == 0:
         raise ExportError(f"{net.name} has no classification head (num_classes=0): export output 'embedding' instead")
     if patch_size is not None and "patch_size" not in inspect.signature(net.embedding).parameters:
-        raise ExportError(f"{net.name}: patch_size is a FlexiViT / ViT option; family {net.family!r} has a fixed patch size")
+        raise ExportError(
+            f"{net.name}: patch_size is a FlexiViT / ViT option; family {net.family!r} has a fixed patch size"
+        )
     if dynamic_size and (why := dynamic_size_refusal(net, fmt)) is not None:
         raise ExportError(f"{net.name} cannot be exported to {fmt} with a dynamic input size: {why}")
     size = net.size if size is None else ((size, size) if isinstance(size, int) else (int(size[0]), int(size[1])))
@@ -213,7 +218,9 @@ def export_model(
             eager = [head(x) for x in check_inputs]
         output_names = list(eager[0]) if isinstance(eager[0], dict) else [output]  # feature maps keep their stage names
         expected = [_as_list(out) for out in eager]
-        meta = _metadata(net, fmt, output, output_names, size, dynamic_size, patch_size, class_to_idx, rgb_stats, expected[1])
+        meta = _metadata(
+            net, fmt, output, output_names, size, dynamic_size, patch_size, class_to_idx, rgb_stats, expected[1]
+        )
         try:
             with torch.no_grad():
                 if fmt == "pts":
@@ -272,7 +279,9 @@ def _check_export(
             with torch.no_grad():
                 got = run(x)
         except Exception as e:  # a graph that cannot run an input it claims to accept is a failed check
-            raise ExportCheckError(f"{path}: the exported model fails on input {tuple(x.shape)}: {_first_line(e)}; the file was deleted") from e
+            raise ExportCheckError(
+                f"{path}: the exported model fails on input {tuple(x.shape)}: {_first_line(e)}; the file was deleted"
+            ) from e
         if len(got) != len(want):
             raise ExportCheckError(f"{path}: the exported model returned {len(got)} outputs, expected {len(want)}")
         for name, g, w in zip(output_names, got, want):
@@ -376,10 +385,14 @@ def sniff_export_format(path: str | os.PathLike) -> str:
             return "pts"
         if any(n.endswith("/archive_format") or "/models/" in n for n in names):
             return "pt2"
-        raise CheckpointFormatError(path, "a zip archive, but neither a TorchScript (.pts) nor a torch.export (.pt2) file")
+        raise CheckpointFormatError(
+            path, "a zip archive, but neither a TorchScript (.pts) nor a torch.export (.pt2) file"
+        )
     if path.suffix.lower() == ".onnx":
         return "onnx"
-    raise CheckpointFormatError(path, "not an exported model: expected a TorchScript (.pts), torch.export (.pt2) or ONNX file")
+    raise CheckpointFormatError(
+        path, "not an exported model: expected a TorchScript (.pts), torch.export (.pt2) or ONNX file"
+    )
 
 
 def load_exported(
@@ -433,7 +446,9 @@ def load_onnx_session(path: str | os.PathLike, providers: Sequence[str] | None =
     try:
         import onnxruntime
     except ImportError:
-        raise ExportError("running ONNX files needs onnxruntime, which ornis does not depend on: pip install onnxruntime") from None
+        raise ExportError(
+            "running ONNX files needs onnxruntime, which ornis does not depend on: pip install onnxruntime"
+        ) from None
     return onnxruntime.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
 
 
@@ -475,7 +490,9 @@ def _require_onnx_tools() -> None:
 
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError(f"ONNX export needs {', '.join(missing)}, which ornis does not depend on: pip install {' '.join(missing)}")
+        raise ExportError(
+            f"ONNX export needs {', '.join(missing)}, which ornis does not depend on: pip install {' '.join(missing)}"
+        )
 
 
 @contextlib.contextmanager
@@ -542,7 +559,9 @@ def _metadata(
     return {
         "ornis_version": __version__,
         "task": net.task,
-        "class_to_idx": json.dumps(class_to_idx if class_to_idx is not None else {str(i): i for i in range(net.num_classes)}),
+        "class_to_idx": json.dumps(
+            class_to_idx if class_to_idx is not None else {str(i): i for i in range(net.num_classes)}
+        ),
         "signature": json.dumps(signature),
         "rgb_stats": json.dumps(rgb_stats or DEFAULT_RGB_STATS),
         "network": net.name,
@@ -553,7 +572,9 @@ def _metadata(
 def _parse_metadata(extra: dict[str, str], path: Path) -> dict[str, Any]:
     missing = [k for k in ("task", "class_to_idx", "signature", "rgb_stats") if not extra.get(k)]
     if missing:
-        raise CheckpointFormatError(path, f"the export lacks metadata {', '.join(missing)} (not written by ornis export?)")
+        raise CheckpointFormatError(
+            path, f"the export lacks metadata {', '.join(missing)} (not written by ornis export?)"
+        )
     try:
         return {
             "ornis_version": extra.get("ornis_version", ""),

@@ -1,7 +1,7 @@
 """Files that ship inside the package: a small model ornis trained itself, and sample images, so a machine with no
 network can still do real work (``ornis demo``).
 
-``ornis_shapes_vit_tiny`` is a 4-block, width-128, patch-8 ViT at 32 px input (the ``vit_t16`` architecture with
+``ornis_shapes_vit_tiny`` is a 4-block, width-128, patch-8 ViT at 48 px input (the ``vit_t16`` architecture with
 config overrides recorded in the file), trained from scratch by ``scripts/train_tiny_model.py`` with ornis's supervised
 recipe on procedurally generated shapes and textures (``ornis.eval.synthetic``). It is registered in the weights
 manifest like the published models, and ``resolve_weights`` finds it here instead of in the cache.
@@ -32,7 +32,7 @@ def register_shipped_weights() -> None:
             name=DEMO_MODEL,
             network="vit_t16",
             tag="shapes",
-            resolution=(32, 32),
+            resolution=(48, 48),
             task="image_classification",
             description="A tiny ViT (0.8 M parameters) trained by ornis on generated shapes and textures (8 classes); "
             "ships inside the package for offline use and tests",

@@ -20,12 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="MODEL", help="published weights name or checkpoint path")
     parser.add_argument("-o", "--output-file", required=True, metavar="FILE", help="where to write the export")
     parser.add_argument("--format", choices=FORMATS, help="default: from the suffix of FILE")
-    parser.add_argument("--output", default="embedding", choices=OUTPUTS, help="what the graph returns (default: embedding)")
+    parser.add_argument(
+        "--output", default="embedding", choices=OUTPUTS, help="what the graph returns (default: embedding)"
+    )
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
     parser.add_argument("--dynamic-size", action="store_true", help="accept any input size (pt2, onnx; ViT family)")
     parser.add_argument("--patch-size", type=int, help="FlexiViT: the patch size baked into the export")
-    parser.add_argument("--batch", type=int, default=3, metavar="N", help="batch size of the random check batch (default: 3)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest accepted relative difference")
+    parser.add_argument(
+        "--batch", type=int, default=3, metavar="N", help="batch size of the random check batch (default: 3)"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest accepted relative difference"
+    )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--network", help="architecture of a checkpoint file that does not say it")
     parser.add_argument("--device", default="cpu", help="device to trace and check on (default: cpu)")
