@@ -175,3 +175,29 @@ def test_real_vit_l14_reg4_config_at_518(tmp_path) -> None:
     assert feats.maps["block23"].shape == feats.patch_tokens.shape == (1, 1024, 37, 37)
     assert scale_err(feats.embedding, tokens[:, 4]) < TOL
     assert scale_err(feats.patch_tokens.flatten(2).transpose(1, 2), tokens[:, 5:]) < TOL
+
+
+def test_flexi_resize_under_export_does_not_poison_the_cache() -> None:
+    """The pseudo-inverse matrix is cached; a first call while torch.export traces with fake tensors must not
+    leave a fake tensor in the cache for later eager calls."""
+    from ornis.models import layers
+
+    class Patch12(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net.embedding(x, patch_size=12)
+
+    layers._pinv_resize_matrix.cache_clear()
+    torch.manual_seed(0)
+    net = ornis.build_model("flexivit_t16", size=48).eval()
+    x = torch.randn(1, 3, 48, 48)
+    exported = torch.export.export(Patch12(net), (x,), strict=False)
+    with torch.no_grad():
+        eager = net.embedding(x, patch_size=12)
+        layers._pinv_resize_matrix.cache_clear()
+        fresh = net.embedding(x, patch_size=12)
+        assert torch.equal(eager, fresh)
+        assert scale_err(exported.module()(x), fresh) < 1e-5

@@ -144,6 +144,8 @@ def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
     new = (patch_size, patch_size)
     if old == new:
         return weight
-    pinv = _pinv_resize_matrix(old, new, weight.device)
+    # Under torch.compile / torch.export the inputs are fake tensors: compute in the graph, never cache a fake result
+    compute = _pinv_resize_matrix.__wrapped__ if torch.compiler.is_compiling() else _pinv_resize_matrix
+    pinv = compute(old, new, weight.device)
     out = weight.float().flatten(2) @ pinv
     return out.reshape(*weight.shape[:2], *new).to(weight.dtype)
