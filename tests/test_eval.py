@@ -66,7 +66,7 @@ def test_knn_and_linear_probe_beat_chance_on_gaussian_clusters() -> None:
     bayes_like = nearest_centre_accuracy(train, test)
     knn = evaluate_knn(train, test)
     linear = evaluate_linear_probe(train, test, epochs=60)
-    # Measured: nearest centre 0.63, k-NN 0.51, linear 0.62 (chance 0.10)
+    # Measured: nearest centre 0.615, k-NN 0.501, linear probe 0.618 (chance 0.10)
     assert knn.top1 >= CHANCE + 0.30, knn.format()
     assert linear.top1 >= CHANCE + 0.40, linear.format()
     assert linear.top1 >= bayes_like - 0.06  # a linear model is the right model here: close to the oracle

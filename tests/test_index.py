@@ -129,3 +129,21 @@ def test_cli_index_build_search_duplicates(tmp_path: Path, capsys: pytest.Captur
     assert (tmp_path / "d.csv").read_text().splitlines()[1].startswith("/photos/003.jpg,/photos/400.jpg,")
     assert main(["index", "search", str(tmp_path / "idx"), "999"]) == 1
     assert "out of range" in capsys.readouterr().err
+
+
+def test_query_images_are_embedded_with_the_index_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ornis.assets import DEMO_MODEL, sample_images
+    from ornis.cli.main import main
+    from ornis.eval.index import embed_images, resolve_queries
+
+    samples = [str(p) for p in sample_images()]
+    index = build_index(embed_images(samples, DEMO_MODEL), samples, model=DEMO_MODEL)
+    index.save(tmp_path / "idx")
+    outside = tmp_path / "copy.jpg"
+    outside.write_bytes(Path(samples[4]).read_bytes())  # not an indexed path: embedded as an image
+    vectors, rows = resolve_queries(index, [str(outside), "2"])
+    assert rows == [None, 2]
+    scores, ids = index.search(vectors, 1, normalized=True)
+    assert ids[:, 0].tolist() == [4, 2] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert main(["index", "search", str(tmp_path / "idx"), str(outside), "-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith(Path(samples[4]).name)

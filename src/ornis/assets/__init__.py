@@ -17,8 +17,8 @@ SAMPLES_DIR = ASSETS_DIR / "samples"
 DEMO_MODEL = "ornis_shapes_vit_tiny"
 DEMO_MODEL_FILE = ASSETS_DIR / f"{DEMO_MODEL}.pt"
 # Written by `python scripts/train_tiny_model.py --install`
-DEMO_MODEL_SHA256 = "d8b840bd8d117a5c076ece1c4642c8ce2ca377f2b2f3525ba5d76fe468b9f6a9"
-DEMO_MODEL_SIZE_MB = 0.0
+DEMO_MODEL_SHA256 = "c8362e77f438b8a04bfd2ae1880765b63ec8a61fa99bd9c50bc6f417023d6ef1"
+DEMO_MODEL_SIZE_MB = 3.32
 
 
 def register_shipped_weights() -> None:
