@@ -190,14 +190,14 @@ def test_flexi_resize_under_export_does_not_poison_the_cache() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net.embedding(x, patch_size=12)
 
-    layers._pinv_resize_matrix.cache_clear()
+    layers._PINV_CACHE.clear()
     torch.manual_seed(0)
     net = ornis.build_model("flexivit_t16", size=48).eval()
     x = torch.randn(1, 3, 48, 48)
     exported = torch.export.export(Patch12(net), (x,), strict=False)
     with torch.no_grad():
         eager = net.embedding(x, patch_size=12)
-        layers._pinv_resize_matrix.cache_clear()
+        layers._PINV_CACHE.clear()
         fresh = net.embedding(x, patch_size=12)
         assert torch.equal(eager, fresh)
         assert scale_err(exported.module()(x), fresh) < 1e-5

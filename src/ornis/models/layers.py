@@ -6,7 +6,6 @@ so those files load with ``strict=True`` and no key remapping.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -126,16 +125,25 @@ def interpolate_grid(
     return out.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim).to(grid.dtype)
 
 
-@functools.lru_cache(maxsize=64)
+_PINV_CACHE: dict[tuple[tuple[int, int], tuple[int, int], str], torch.Tensor] = {}
+
+
 def _pinv_resize_matrix(old: tuple[int, int], new: tuple[int, int], device: torch.device) -> torch.Tensor:
     # FlexiViT (Beyer et al., 2023, eq. 3): with B the matrix of bilinear resizing from old to new patch size,
     # the patch-embedding weights that keep <x, w> = <Bx, w'> for every patch x are w' = pinv(B)^T w.
+    key = (old, new, str(device))
+    if key in _PINV_CACHE:
+        return _PINV_CACHE[key]
     with torch.autocast(device.type, enabled=False), torch.no_grad():
         n_old = old[0] * old[1]
         basis = torch.eye(n_old, dtype=torch.float32, device=device).reshape(n_old, 1, *old)
         resized = F.interpolate(basis, size=new, mode="bilinear", align_corners=False)
         matrix = resized.reshape(n_old, new[0] * new[1]).T  # (new_numel, old_numel)
-        return torch.linalg.pinv(matrix)
+        pinv = torch.linalg.pinv(matrix)
+    # Under torch.compile / torch.export the tensors are fake: use the result in the graph, never keep it
+    if not torch.compiler.is_compiling():
+        _PINV_CACHE[key] = pinv
+    return pinv
 
 
 def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -144,8 +152,6 @@ def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
     new = (patch_size, patch_size)
     if old == new:
         return weight
-    # Under torch.compile / torch.export the inputs are fake tensors: compute in the graph, never cache a fake result
-    compute = _pinv_resize_matrix.__wrapped__ if torch.compiler.is_compiling() else _pinv_resize_matrix
-    pinv = compute(old, new, weight.device)
+    pinv = _pinv_resize_matrix(old, new, weight.device)
     out = weight.float().flatten(2) @ pinv
     return out.reshape(*weight.shape[:2], *new).to(weight.dtype)
