@@ -23,10 +23,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ornis.models.base import Encoder, Features, normalize_indices
-from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid, run_stages
 from ornis.models.registry import register_model
 
 PATCH_STRIDE = 4
@@ -282,18 +281,7 @@ class Hiera(Encoder):
     def _run_stages(
         self, x: torch.Tensor, last: int, keep: Sequence[int] = ()
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        kept: dict[int, torch.Tensor] = {}
-        for i, stage in enumerate(self.body.children()):
-            if i > last:
-                break
-            for blk in stage:
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, use_reentrant=False)
-                else:
-                    x = blk(x)
-            if i in keep:
-                kept[i] = x
-        return x, kept
+        return run_stages(self.body.children(), x, last, keep, self.grad_checkpointing)
 
     @staticmethod
     def _levels_left(stage: int) -> int:

@@ -25,11 +25,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ornis.models.base import Encoder, Features, normalize_indices
 from ornis.models.hiera import ConvStem, check_size
-from ornis.models.layers import DropPath, Mlp, drop_path_rates
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, run_stages
 from ornis.models.registry import register_model
 
 Q_POOL = 3  # 2x2 query poolings, at the starts of stages 2, 3 and 4
@@ -231,18 +230,7 @@ class HieraDet(Encoder):
     def _run_stages(
         self, x: torch.Tensor, last: int, keep: Sequence[int] = ()
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        kept: dict[int, torch.Tensor] = {}
-        for i, stage in enumerate(self.body.children()):
-            if i > last:
-                break
-            for blk in stage:
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, use_reentrant=False)
-                else:
-                    x = blk(x)
-            if i in keep:
-                kept[i] = x
-        return x, kept
+        return run_stages(self.body.children(), x, last, keep, self.grad_checkpointing)
 
     # -- public API --------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

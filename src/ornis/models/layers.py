@@ -6,12 +6,13 @@ so those files load with ``strict=True`` and no key remapping.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 NormKind = Literal["layernorm", "rmsnorm"]
@@ -103,6 +104,30 @@ def same_size(a: tuple[int, int], b: tuple[int, int]) -> bool:
     every size, the stored size included, where bicubic resizing to the same size is exact)."""
     equal = (a[0] == b[0], a[1] == b[1])  # tensors under torch.jit.trace, SymBools under torch.export
     return all(statically_known_true(e) if isinstance(e, (bool, torch.SymBool)) else bool(e) for e in equal)
+
+
+def run_stages(
+    stages: Iterable[Iterable[nn.Module]],
+    x: torch.Tensor,
+    last: int,
+    keep: Container[int] = (),
+    grad_checkpointing: bool = False,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run stages 0..``last`` (each a sequence of blocks; later ones are skipped) and return the output and
+    ``{stage index: output}`` for the stages in ``keep``. With ``grad_checkpointing`` each block's activations are
+    recomputed in the backward pass instead of stored (memory for compute, training only)."""
+    kept: dict[int, torch.Tensor] = {}
+    for i, stage in enumerate(stages):
+        if i > last:
+            break
+        for blk in stage:
+            if grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if i in keep:
+            kept[i] = x
+    return x, kept
 
 
 def interpolate_grid(

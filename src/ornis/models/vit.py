@@ -21,7 +21,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ornis.models.base import Encoder, Features, normalize_indices
 from ornis.models.layers import (
@@ -34,6 +33,7 @@ from ornis.models.layers import (
     interpolate_grid,
     make_norm,
     resample_patch_embed,
+    run_stages,
     same_size,
 )
 from ornis.models.registry import register_model
@@ -91,15 +91,8 @@ class TransformerEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, keep: set[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        kept: dict[int, torch.Tensor] = {}
-        for i, blk in enumerate(self.block):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-            if keep is not None and i in keep:
-                kept[i] = x
-        return x, kept
+        """All blocks; the outputs of the blocks whose index is in ``keep`` are returned too."""
+        return run_stages(((blk,) for blk in self.block), x, len(self.block) - 1, keep or (), self.grad_checkpointing)
 
 
 class ViT(Encoder):
