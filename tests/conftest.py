@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,25 @@ os.environ.setdefault("ORNIS_OFFLINE", "1")  # no test may reach the network by 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 RGB_STATS = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` intra-op threads, restoring the previous number after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: many small ops, where two OpenMP threads fighting for the cores
+    were measured 10-50x slower than one. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with torch_threads(1):
+        yield
 
 
 def scale_err(a: torch.Tensor, b: torch.Tensor) -> float:

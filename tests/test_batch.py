@@ -33,13 +33,7 @@ PYTHON = sys.executable
 MAX_PIXELS = 1_000_000  # the test bomb is 2 Mpx
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test model is tiny and the CI machine shared: two spinning OpenMP threads cost 50x here, one is enough
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import ornis
+from conftest import torch_threads
 from ornis.inference.batch import embed, make_job, read_errors
 
 PYTHON = sys.executable
@@ -40,12 +41,8 @@ def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def single(job_inputs, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, list[float], int, int]]:
     ckpt, photos = job_inputs
     out = tmp_path_factory.mktemp("single") / "out"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         embed([photos], model=ckpt, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False, device="cpu")
-    finally:
-        torch.set_num_threads(before)
     return _rows(out)
 
 

@@ -30,13 +30,7 @@ TINY = {"num_layers": 2}  # vit_t16 / flexivit_t16 widths, two blocks
 TINY_HIERADET = {"depths": (1, 1, 1, 1), "global_att_blocks": (), "embed_dim": 32}  # one block a stage, 32..256 wide
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These steps are many small ops: on a shared 2-core machine one thread is several times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stripes(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

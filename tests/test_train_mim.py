@@ -12,7 +12,6 @@ from test_train_loop import (
     STATS,
     TINY_VIT,
     make_shapes,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread)
 )
 
 import ornis
@@ -29,6 +28,8 @@ from ornis.train.mim import (
 
 TINY_HIERA = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, drop_path_rate=0.0)
 DECODER = dict(decoder_dim=64, decoder_depth=1, decoder_heads=2)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

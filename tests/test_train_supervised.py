@@ -11,7 +11,6 @@ from test_train_loop import (
     STATS,
     TINY_VIT,
     make_shapes,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread)
     write_shards,
 )
 
@@ -21,6 +20,8 @@ from ornis.train.loop import TrainConfig, run
 from ornis.train.supervised import ClassifyOptions, ClassifyRecipe, evaluate_topk, train_classifier
 
 CLASSES = {"circle": 0, "square": 1, "triangle": 2}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
