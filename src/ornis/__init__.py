@@ -11,8 +11,7 @@ The model-card API::
     out, embedding = infer_image(net, "bird.jpeg", transform, return_embedding=True)
 """
 
-__version__ = "0.1.0"
-
+from ornis._version import __version__
 from ornis.data.transforms import classification_transform
 from ornis.errors import (
     CheckpointFormatError,

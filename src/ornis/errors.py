@@ -71,6 +71,13 @@ class ChecksumError(OrnisError):
     """Downloaded or cached bytes do not match the manifest's sha256."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type name when it has none): what
+    an error message quotes of a lower-level failure."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
+
+
 def _short_list(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... (+{len(items) - limit} more)"

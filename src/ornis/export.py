@@ -534,7 +534,7 @@ def _metadata(
     sample_outputs: list[torch.Tensor],
 ) -> dict[str, str]:
     from ornis import __version__
-    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
 
     # Batch (and, for a dynamic size, spatial) dimensions are written as 0, as in the reference's signatures
     spatial = (0, 0) if dynamic_size else size

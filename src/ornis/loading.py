@@ -30,7 +30,9 @@ class ModelInfo(NamedTuple):
     path: Path | None = None
 
 
-def _looks_like_path(name: str | os.PathLike) -> bool:
+def is_checkpoint_path(name: str | os.PathLike) -> bool:
+    """True when ``name`` names a file (a path object, a path with a separator, a checkpoint or export suffix, or an
+    existing file) rather than a published model name."""
     if isinstance(name, os.PathLike):
         return True
     return os.sep in name or name.endswith(CHECKPOINT_SUFFIXES + tuple(f".{f}" for f in EXPORT_FORMATS)) or os.path.exists(name)
@@ -163,7 +165,7 @@ def load_pretrained_model(
     path: Path
     if dst is not None and Path(dst).is_file():
         path = Path(dst)
-    elif _looks_like_path(weights):
+    elif is_checkpoint_path(weights):
         path = Path(weights)
     elif str(weights) in MANIFEST:
         if network is None:

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-# The reference's "birder" statistics, used when a checkpoint records none
-DEFAULT_RGB_STATS = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -310,10 +310,10 @@ def _model_path(job: BatchJob) -> Path:
     path = Path(job.model)
     if path.is_file():
         return path
-    from ornis.loading import _looks_like_path
+    from ornis.loading import is_checkpoint_path
     from ornis.weights.cache import resolve_weights
 
-    if _looks_like_path(job.model):
+    if is_checkpoint_path(job.model):
         raise OrnisError(f"{job.model}: no such checkpoint file")
     return resolve_weights(job.model, "pt")
 

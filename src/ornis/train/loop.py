@@ -162,7 +162,7 @@ def encoder_checkpoint(net: nn.Module, class_to_idx: dict[str, int] | None = Non
                        rgb_stats: dict[str, Any] | None = None) -> Checkpoint:
     """An ornis encoder as a published-format checkpoint: its state, signature, classes, rgb stats, architecture
     name, and the config fields that differ from the registered variant's (so the file rebuilds the same model)."""
-    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
     from ornis.models.registry import get_model_spec, list_models
 
     name = getattr(net, "name", None)

@@ -233,7 +233,7 @@ class MIMOptions:
 
 
 def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
-    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
     from ornis.loading import load_pretrained_model
     from ornis.models.registry import build_model
 

@@ -97,7 +97,7 @@ class ClassifyOptions:
 
 def build_classifier(opts: ClassifyOptions, class_to_idx: dict[str, int]) -> tuple[Encoder, dict[str, Any], int]:
     """The network to train (head sized for ``class_to_idx``), its rgb stats and its input size."""
-    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
     from ornis.loading import load_pretrained_model
     from ornis.models.registry import build_model
 

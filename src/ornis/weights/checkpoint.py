@@ -10,11 +10,11 @@ Nothing here ever unpickles arbitrary objects: ``.pt`` files load with ``torch.l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ornis.errors import CheckpointFormatError, StateDictMismatchError
+from ornis._version import __version__
+from ornis.errors import CheckpointFormatError, StateDictMismatchError, first_line
+from ornis.utils.fs import atomic_path
 
 FORMAT_VERSION = "0.8.4"  # the reference version whose file layout we write; stored as "birder_version"
 REQUIRED_KEYS = ("state", "task", "signature", "class_to_idx", "rgb_stats")
+# The reference's "birder" statistics, used when a checkpoint records none
+DEFAULT_RGB_STATS = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
 SAFETENSORS_SUFFIXES = (".safetensors", ".st")
 
 
@@ -98,10 +102,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         raise CheckpointFormatError(
-            path, f"refused to unpickle: the file holds objects other than tensors and plain data ({_first_line(e)})"
+            path, f"refused to unpickle: the file holds objects other than tensors and plain data ({first_line(e)})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointFormatError(path, f"cannot be read as a checkpoint, truncated or corrupt ({_first_line(e)})") from None
+        raise CheckpointFormatError(path, f"cannot be read as a checkpoint, truncated or corrupt ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointFormatError(path, f"expected a dict with keys {', '.join(REQUIRED_KEYS)}, found a {type(obj).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
@@ -130,7 +134,7 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoin
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointFormatError(path, f"cannot be read as safetensors, truncated or corrupt ({_first_line(e)})") from None
+        raise CheckpointFormatError(path, f"cannot be read as safetensors, truncated or corrupt ({first_line(e)})") from None
     missing = [k for k in ("signature", "class_to_idx", "rgb_stats") if k not in meta]
     if missing:
         raise CheckpointFormatError(path, f"safetensors metadata lacks {', '.join(missing)} (found {', '.join(meta) or 'none'})")
@@ -151,13 +155,8 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoin
 
 def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     """Write ``ckpt`` in the published format (by suffix: ``.safetensors`` or ``.pt``), atomically."""
-    from ornis import __version__
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import save_file
 
@@ -188,11 +187,53 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
             if ckpt.network:
                 obj["network"] = ckpt.network
             torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
+
+
+def config_overrides(net: nn.Module) -> dict[str, Any] | None:
+    """The fields of ``net.config`` that differ from its registered variant's (what a checkpoint must record for the
+    file to rebuild the same architecture); None when there are none or ``net`` is not a registered variant."""
+    from ornis.models import registry
+
+    name = getattr(net, "name", None)
+    config = getattr(net, "config", None)
+    if name not in registry.list_models() or not dataclasses.is_dataclass(config):
+        return None
+    registered = registry.get_model_spec(name).config
+    changed = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(registered, f.name)
+    }
+    return changed or None
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP-sharded one (a collective: every rank must call it); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def checkpoint_from_model(
+    net: nn.Module,
+    *,
+    class_to_idx: dict[str, int] | None = None,
+    rgb_stats: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """An ornis encoder as a published-format checkpoint: its state (copied to the CPU, gathered whole if sharded),
+    signature, classes (default ``"0".."n-1"``), rgb stats (default ``DEFAULT_RGB_STATS``), architecture name, and
+    its config overrides (``config_overrides``, updated with ``config``) so that the file rebuilds the same model."""
+    num_classes = int(getattr(net, "num_classes", 0))
+    overrides = {**(config_overrides(net) or {}), **(config or {})} or None
+    return Checkpoint(
+        state={k: _whole(v).detach().cpu().clone() for k, v in net.state_dict().items()},
+        signature=make_signature(net.size, num_classes),
+        class_to_idx=dict(class_to_idx) if class_to_idx is not None else {str(i): i for i in range(num_classes)},
+        rgb_stats={k: list(v) for k, v in (rgb_stats or DEFAULT_RGB_STATS).items()},
+        task=getattr(net, "task", "image_classification"),
+        config=overrides,
+        network=getattr(net, "name", None),
+    )
 
 
 def save_model(
@@ -203,21 +244,10 @@ def save_model(
     rgb_stats: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
 ) -> Path:
-    """Save an ornis encoder in the published format, ready for ``ornis.load_pretrained_model(path)``."""
-    from ornis.data.transforms import DEFAULT_RGB_STATS
-
-    num_classes = getattr(net, "num_classes", 0)
-    if class_to_idx is None:
-        class_to_idx = {str(i): i for i in range(num_classes)}
-    ckpt = Checkpoint(
-        state={k: v.detach().cpu() for k, v in net.state_dict().items()},
-        signature=make_signature(net.size, num_classes),
-        class_to_idx=class_to_idx,
-        rgb_stats=rgb_stats or DEFAULT_RGB_STATS,
-        task=getattr(net, "task", "image_classification"),
-        config=config,
-        network=getattr(net, "name", None),
-    )
+    """Save an ornis encoder in the published format (by suffix: ``.pt`` or ``.safetensors``), ready for
+    ``ornis.load_pretrained_model(path)``: the file records the model's config overrides, so whatever is saved
+    loads back as the same architecture."""
+    ckpt = checkpoint_from_model(net, class_to_idx=class_to_idx, rgb_stats=rgb_stats, config=config)
     return write_checkpoint(ckpt, path)
 
 
@@ -258,8 +288,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

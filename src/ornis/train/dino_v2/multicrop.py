@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from ornis.data.transforms import DEFAULT_RGB_STATS
+from ornis.weights.checkpoint import DEFAULT_RGB_STATS
 
 
 def _photometric(blur_p: float, solarize_p: float) -> list[Any]:

@@ -246,7 +246,7 @@ class DinoV2Options:
 
 def build_backbone(opts: DinoV2Options) -> tuple[Encoder, dict[str, Any]]:
     """The backbone to pretrain (from a checkpoint, or fresh) and its rgb stats."""
-    from ornis.data.transforms import DEFAULT_RGB_STATS
+    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
     from ornis.loading import load_pretrained_model
     from ornis.models.registry import build_model
 

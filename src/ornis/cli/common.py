@@ -1,0 +1,37 @@
+"""What every command spells the same way: the output option, and defaults read from the library's dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+
+def add_output_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    help: str,
+    *,
+    required: bool = True,
+    default: str | None = None,
+    metavar: str = "PATH",
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """``-o/--output`` for whatever a command writes; ``aliases`` keeps a command's older spellings working
+    (``--out``, ``--output-file``). The value lands in ``args.output``."""
+    if default is not None:
+        help = f"{help} (default: {default})"
+    parser.add_argument(
+        "-o", "--output", *aliases, dest="output", required=required, default=default, metavar=metavar, help=help
+    )
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls``: a command's default is the library's, never a copy."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
