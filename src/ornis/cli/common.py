@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from typing import Any
 
 
@@ -35,3 +36,11 @@ def default_of(cls: type, name: str) -> Any:
                 return f.default_factory()
             raise ValueError(f"{cls.__name__}.{name} has no default")
     raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def default_arg(func: Any, name: str) -> Any:
+    """The default of parameter ``name`` of ``func``: for library functions whose options are keyword arguments."""
+    parameter = inspect.signature(func).parameters[name]
+    if parameter.default is inspect.Parameter.empty:
+        raise ValueError(f"{func.__qualname__}({name}) has no default")
+    return parameter.default

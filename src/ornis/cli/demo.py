@@ -6,17 +6,26 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ornis.cli.common import add_output_argument, default_arg
+from ornis.eval.demo import run_demo
+
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="offline first run with the shipped model and sample images",
-                              description=__doc__)
-    p.add_argument("-o", "--out", default="ornis-demo", help="output folder for the Parquet files (default ./ornis-demo)")
-    p.add_argument("--held-out", type=int, default=400, help="generated held-out images to measure on (default 400)")
+    """Add ``ornis demo``."""
+    p = subparsers.add_parser(
+        "demo", help="offline first run with the shipped model and sample images", description=__doc__
+    )
+    add_output_argument(
+        p, "output folder for the Parquet files", required=False, default="ornis-demo", aliases=("--out",)
+    )
+    held_out = default_arg(run_demo, "held_out")
+    p.add_argument(
+        "--held-out", type=int, default=held_out, help=f"generated held-out images to measure on (default {held_out})"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ornis.eval.demo import run_demo
-
-    print(run_demo(args.out, held_out=args.held_out).format())
+    """Run the demo and print its report."""
+    print(run_demo(args.output, held_out=args.held_out).format())
     return 0

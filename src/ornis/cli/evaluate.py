@@ -3,43 +3,70 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from ornis.cli.common import default_arg
+from ornis.eval import evaluate_knn, evaluate_linear_probe, read_embeddings
+from ornis.utils.fs import atomic_write_json
+
+METHODS = {
+    "knn": "cosine k-NN with exp(sim / T)-weighted votes (DINO's protocol)",
+    "linear": "logistic-regression probe, lr and weight decay chosen on a held-out part of TRAIN",
+}
 
 
 def register(subparsers: Any) -> None:
+    """Add ``ornis eval`` and its two methods."""
     p = subparsers.add_parser(
         "eval",
         help="k-NN and linear-probe accuracy of embeddings (Parquet from `ornis embed`)",
         description="Evaluate frozen embeddings. Labels come from each image's parent folder name, or --label-column.",
     )
     sub = p.add_subparsers(dest="eval_command", metavar="METHOD", required=True)
-    for method, text in (
-        ("knn", "cosine k-NN with exp(sim / T)-weighted votes (DINO's protocol)"),
-        ("linear", "logistic-regression probe, lr and weight decay chosen on a held-out part of TRAIN"),
-    ):
+    for method, text in METHODS.items():
         q = sub.add_parser(method, help=text, description=text)
-        q.add_argument("train", metavar="TRAIN", help="embeddings of the labelled training set (Parquet file or folder)")
-        q.add_argument("--test", metavar="TEST", help="embeddings of the test set; without it: "
-                       + ("leave-one-out over TRAIN" if method == "knn" else "a held-out part of TRAIN"))
+        q.add_argument(
+            "train", metavar="TRAIN", help="embeddings of the labelled training set (Parquet file or folder)"
+        )
+        without = "leave-one-out over TRAIN" if method == "knn" else "a held-out part of TRAIN"
+        q.add_argument("--test", metavar="TEST", help=f"embeddings of the test set; without it: {without}")
         q.add_argument("--label-column", help="column holding the labels (default: the parent folder of `path`)")
         q.add_argument("--json", metavar="FILE", help="also write the report as JSON")
         if method == "knn":
-            q.add_argument("-k", type=int, default=20, help="neighbours that vote (default 20)")
-            q.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
+            _knn_arguments(q)
         else:
-            q.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2], help="learning rates to try")
-            q.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 1e-4, 1e-3], help="L2 penalties to try")
-            q.add_argument("--epochs", type=int, default=100)
-            q.add_argument("--held-out", type=float, default=0.2, help="fraction held out for the sweep (and test)")
+            _linear_arguments(q)
         q.set_defaults(func=run, method=method)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ornis.eval import evaluate_knn, evaluate_linear_probe, read_embeddings
+def _knn_arguments(q: argparse.ArgumentParser) -> None:
+    k, temperature = default_arg(evaluate_knn, "k"), default_arg(evaluate_knn, "temperature")
+    q.add_argument("-k", type=int, default=k, help=f"neighbours that vote (default {k})")
+    q.add_argument(
+        "--temperature", type=float, default=temperature, help=f"vote weight exp(sim / T) (default {temperature})"
+    )
 
+
+def _linear_arguments(q: argparse.ArgumentParser) -> None:
+    def default(name: str) -> Any:
+        return default_arg(evaluate_linear_probe, name)
+
+    q.add_argument("--lrs", type=float, nargs="+", default=list(default("lrs")), help="learning rates to try")
+    q.add_argument(
+        "--weight-decays", type=float, nargs="+", default=list(default("weight_decays")), help="L2 penalties to try"
+    )
+    q.add_argument("--epochs", type=int, default=default("epochs"))
+    q.add_argument(
+        "--held-out", type=float, default=default("held_out"), help="fraction held out for the sweep (and test)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, print the report, and write it as JSON when asked."""
     train = read_embeddings(args.train, label_column=args.label_column)
-    test = read_embeddings(args.test, label_column=args.label_column, class_names=train.class_names) if args.test else None
+    test = (
+        read_embeddings(args.test, label_column=args.label_column, class_names=train.class_names) if args.test else None
+    )
     if args.method == "knn":
         report = evaluate_knn(train, test, k=args.k, temperature=args.temperature)
     else:
@@ -48,6 +75,5 @@ def run(args: argparse.Namespace) -> int:
         )
     print(report.format(f"{args.method} evaluation of {args.train}" + (f" on {args.test}" if args.test else "")))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        atomic_write_json(args.json, report.to_dict(), indent=2)
     return 0

@@ -3,55 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import csv
 from typing import Any
+
+from ornis.cli.common import add_output_argument, default_arg
+from ornis.eval.index import EmbeddingIndex, build_index, near_duplicates, resolve_queries
+from ornis.eval.labels import read_embeddings
+from ornis.utils.fs import atomic_path
 
 
 def register(subparsers: Any) -> None:
+    """Add ``ornis index build / search / duplicates``."""
     p = subparsers.add_parser("index", help="nearest-neighbour search over embeddings (exact, or FAISS for large sets)")
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
-    b = sub.add_parser("build", help="build an index from the Parquet `ornis embed` wrote",
-                       description="Exact search below 50,000 rows, a FAISS IVF-Flat index above (recall@10 against "
-                       "exact search is measured at build time and printed).")
+    b = sub.add_parser(
+        "build",
+        help="build an index from the Parquet `ornis embed` wrote",
+        description="Exact search below 50,000 rows, a FAISS IVF-Flat index above (recall@10 against "
+        "exact search is measured at build time and printed).",
+    )
     b.add_argument("embeddings", metavar="EMBEDDINGS", help="Parquet file or folder from `ornis embed`")
-    b.add_argument("-o", "--out", required=True, metavar="INDEX", help="index folder to write")
-    b.add_argument("--kind", default="auto", choices=["auto", "exact", "ivf_flat", "hnsw"])
-    b.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search breadth is tuned to reach")
+    add_output_argument(b, "index folder to write", metavar="INDEX", aliases=("--out",))
+    b.add_argument("--kind", default=default_arg(build_index, "kind"), choices=["auto", "exact", "ivf_flat", "hnsw"])
+    recall = default_arg(build_index, "target_recall")
+    b.add_argument(
+        "--target-recall",
+        type=float,
+        default=recall,
+        help=f"recall@10 the search breadth is tuned to reach (default {recall})",
+    )
     b.add_argument("--model", help="model that made the embeddings (default: the Parquet's ornis.model metadata)")
     b.set_defaults(func=run_build)
 
     s = sub.add_parser("search", help="nearest rows of query images, row ids or indexed paths")
     s.add_argument("index", metavar="INDEX")
-    s.add_argument("queries", nargs="+", metavar="QUERY", help="an image file (embedded with the index's model), a row id or an indexed path")
+    s.add_argument(
+        "queries",
+        nargs="+",
+        metavar="QUERY",
+        help="an image file (embedded with the index's model), a row id or an indexed path",
+    )
     s.add_argument("-k", type=int, default=10, help="neighbours to show (default 10)")
     s.add_argument("--model", help="embed query images with this model instead of the index's")
     s.set_defaults(func=run_search)
 
     d = sub.add_parser("duplicates", help="near-duplicate report: pairs above a cosine similarity")
     d.add_argument("index", metavar="INDEX")
-    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    threshold = default_arg(near_duplicates, "threshold")
+    d.add_argument("--threshold", type=float, default=threshold, help=f"cosine similarity (default {threshold})")
     d.add_argument("--limit", type=int, default=50, help="pairs to print (default 50; all go to --csv)")
     d.add_argument("--csv", metavar="FILE", help="write every pair as CSV (path_a, path_b, similarity)")
     d.set_defaults(func=run_duplicates)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ornis.eval.index import build_index
-    from ornis.eval.labels import read_embeddings
-
+    """Build and save an index; print its kind, size and measured recall."""
     table = read_embeddings(args.embeddings, labelled=False)
-    index = build_index(table.embeddings, table.paths, kind=args.kind, model=args.model or table.model,
-                        target_recall=args.target_recall)
-    index.save(args.out)
+    index = build_index(
+        table.embeddings, table.paths, kind=args.kind, model=args.model or table.model, target_recall=args.target_recall
+    )
+    index.save(args.output)
     recall = "1.0 (exact)" if index.recall_at_10 is None else f"{index.recall_at_10:.4f} against exact search"
     params = " ".join(f"{k}={v}" for k, v in index.params.items())
-    print(f"{args.out}: {index.kind} index of {len(index)} x {index.dim}, recall@10 {recall} {params}".rstrip())
+    print(f"{args.output}: {index.kind} index of {len(index)} x {index.dim}, recall@10 {recall} {params}".rstrip())
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ornis.eval.index import EmbeddingIndex, resolve_queries
-
+    """Print the nearest rows of each query."""
     index = EmbeddingIndex.load(args.index)
     vectors, rows = resolve_queries(index, args.queries, args.model)
     scores, ids = index.search(vectors, args.k + 1, normalized=True)
@@ -64,17 +84,14 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_duplicates(args: argparse.Namespace) -> int:
-    import csv
-
-    from ornis.eval.index import EmbeddingIndex, near_duplicates
-
+    """Print (and optionally write as CSV) the pairs above the similarity threshold."""
     index = EmbeddingIndex.load(args.index)
     pairs = near_duplicates(index, args.threshold)
     print(f"{len(pairs)} pair(s) with cosine similarity >= {args.threshold} among {len(index)} rows")
     for p in pairs[: args.limit]:
         print(f"  {p.similarity:.4f}  {index.paths[p.a]}  {index.paths[p.b]}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path_a", "path_b", "similarity"])
             w.writerows((index.paths[p.a], index.paths[p.b], f"{p.similarity:.6f}") for p in pairs)

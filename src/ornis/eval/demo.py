@@ -14,13 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from ornis.assets import DEMO_MODEL, SAMPLES_DIR
+from ornis.data.transforms import classification_transform
 from ornis.eval.index import build_index
 from ornis.eval.knn import evaluate_knn
 from ornis.eval.labels import EmbeddingTable, read_embeddings
 from ornis.eval.synthetic import SHAPE_CLASSES, generate_shapes
+from ornis.inference.batch import classify, embed
+from ornis.loading import load_pretrained_model
+from ornis.weights.checkpoint import get_size_from_signature
 
 HELD_OUT_SEED = 2  # scripts/train_tiny_model.py trains on seed 1 and holds out seed 2
 DRAW_SIZE = 64  # images are drawn at 64 px (as the samples are) and the model's transform scales them
@@ -58,7 +63,8 @@ class DemoResult:
             lines.append(f"{Path(s.path).name:<{width}}  {s.predicted:<9}{mark} {s.probability:.2f}  {near}")
         lines += [
             "",
-            f"samples: {sum(s.predicted == s.true_class for s in self.samples)}/{len(self.samples)} classified correctly",
+            f"samples: {sum(s.predicted == s.true_class for s in self.samples)}/{len(self.samples)} "
+            "classified correctly",
             (
                 f"held-out generated set ({self.held_out_count} images, never seen in training): "
                 f"top-1 {self.held_out_top1:.3f} (classifier), {self.held_out_knn_top1:.3f} (k-NN on embeddings, "
@@ -82,9 +88,6 @@ def run_demo(
     neighbours: int = 3,
 ) -> DemoResult:
     """Run the demo, writing ``out/embeddings`` and ``out/classes`` (Parquet, as ``ornis embed`` / ``classify``)."""
-    from ornis import classification_transform, get_size_from_signature, load_pretrained_model
-    from ornis.inference.batch import classify, embed
-
     started = time.perf_counter()
     out = Path(out)
     emb_dir, cls_dir = out / "embeddings", out / "classes"
@@ -117,7 +120,9 @@ def run_demo(
     idx_to_class = {v: k for k, v in info.class_to_idx.items()}
     predicted_names = [idx_to_class[int(i)] for i in logits.argmax(dim=1)]
     held_out_top1 = float(np.mean([p == SHAPE_CLASSES[int(y)] for p, y in zip(predicted_names, labels)]))
-    held_table = EmbeddingTable([str(i) for i in range(held_out)], embeddings.numpy(), labels.astype(np.int64), list(SHAPE_CLASSES))
+    held_table = EmbeddingTable(
+        [str(i) for i in range(held_out)], embeddings.numpy(), labels.astype(np.int64), list(SHAPE_CLASSES)
+    )
     knn_top1 = evaluate_knn(held_table).top1
     timings["held_out"] = time.perf_counter() - t
     return DemoResult(
@@ -136,7 +141,5 @@ def run_demo(
 
 def _read_classes(folder: Path) -> dict[str, tuple[str, float]]:
     """path -> (top label, its probability) from the batch classifier's Parquet."""
-    import pyarrow.parquet as pq
-
     rows = pq.read_table(folder, columns=["path", "labels", "probabilities"]).to_pylist()
     return {r["path"]: (r["labels"][0], float(r["probabilities"][0])) for r in rows}

@@ -22,7 +22,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ornis.data.transforms import classification_transform
 from ornis.errors import EmbeddingsFormatError, OrnisError
+from ornis.inference.classification import open_rgb
+from ornis.loading import load_pretrained_model
+from ornis.utils.fs import atomic_path, atomic_write_json
+from ornis.weights.checkpoint import get_size_from_signature
 
 log = logging.getLogger("ornis.eval")
 
@@ -39,7 +44,9 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def exact_search(database: np.ndarray, queries: np.ndarray, k: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    database: np.ndarray, queries: np.ndarray, k: int, chunk_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products of each query against every database row: (scores, ids), both (Q, k)."""
     db = torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32))
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
@@ -115,10 +122,12 @@ class EmbeddingIndex:
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "embeddings.npy", self.embeddings)
-        (folder / "paths.json").write_text(json.dumps(self.paths))
+        with atomic_path(folder / "embeddings.npy") as tmp:
+            np.save(tmp, self.embeddings)
+        atomic_write_json(folder / "paths.json", self.paths, indent=None)
         if self.faiss_index is not None:
-            _faiss().write_index(self.faiss_index, str(folder / "faiss.index"))
+            with atomic_path(folder / "faiss.index") as tmp:
+                _faiss().write_index(self.faiss_index, str(tmp))
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
             "kind": self.kind,
@@ -129,7 +138,7 @@ class EmbeddingIndex:
             "recall_at_10": self.recall_at_10,
             "params": self.params,
         }
-        (folder / "index.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_json(folder / "index.json", meta, indent=2)  # last: a folder with index.json is complete
         return folder
 
     @classmethod
@@ -137,7 +146,9 @@ class EmbeddingIndex:
         folder = Path(folder)
         meta_path = folder / "index.json"
         if not meta_path.is_file():
-            raise EmbeddingsFormatError(f"{folder}: not an index folder (no index.json; build one with `ornis index build`)")
+            raise EmbeddingsFormatError(
+                f"{folder}: not an index folder (no index.json; build one with `ornis index build`)"
+            )
         meta = json.loads(meta_path.read_text())
         embeddings = np.load(folder / "embeddings.npy", allow_pickle=False)
         paths = json.loads((folder / "paths.json").read_text())
@@ -150,7 +161,9 @@ class EmbeddingIndex:
         if meta["kind"] != "exact":
             faiss_index = _faiss().read_index(str(folder / "faiss.index"))
             _apply_search_params(faiss_index, meta["kind"], meta["params"])
-        return cls(embeddings, paths, meta["kind"], meta.get("model"), meta.get("recall_at_10"), meta["params"], faiss_index)
+        return cls(
+            embeddings, paths, meta["kind"], meta.get("model"), meta.get("recall_at_10"), meta["params"], faiss_index
+        )
 
 
 def _apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
@@ -222,7 +235,14 @@ def build_index(
         recall = recall_at_k(_drop_self(approx_ids, sample, 10), exact_ids, 10)
         if recall >= target_recall:
             break
-    log.info("%s index over %d rows: recall@10 %.4f against exact search (%s=%d)", kind, len(x), recall, breadth_key, params[breadth_key])
+    log.info(
+        "%s index over %d rows: recall@10 %.4f against exact search (%s=%d)",
+        kind,
+        len(x),
+        recall,
+        breadth_key,
+        params[breadth_key],
+    )
     return EmbeddingIndex(x, paths, kind, model, recall, params, index)
 
 
@@ -274,9 +294,6 @@ def near_duplicates(index: EmbeddingIndex, threshold: float = 0.95, neighbours: 
 def embed_images(paths: list[str], model: str, batch_size: int = 32) -> np.ndarray:
     """Embeddings of image files with ``model`` (a weights name or checkpoint path), preprocessed as ``ornis embed``
     does (the checkpoint's ``classification_transform``), so they are comparable with an index built from it."""
-    from ornis import classification_transform, get_size_from_signature, load_pretrained_model
-    from ornis.inference.classification import open_rgb
-
     net, info = load_pretrained_model(model, inference=True)
     transform = classification_transform(get_size_from_signature(info.signature), info.rgb_stats)
     out = []
@@ -287,7 +304,9 @@ def embed_images(paths: list[str], model: str, batch_size: int = 32) -> np.ndarr
     return np.concatenate(out) if out else np.zeros((0, net.embedding_size), np.float32)
 
 
-def resolve_queries(index: EmbeddingIndex, queries: list[str], model: str | None = None) -> tuple[np.ndarray, list[int | None]]:
+def resolve_queries(
+    index: EmbeddingIndex, queries: list[str], model: str | None = None
+) -> tuple[np.ndarray, list[int | None]]:
     """Query embeddings for a list of row ids, indexed paths or image files, and the index row each one is (None
     for outside images). Image files are embedded with ``model``, by default the model that made the index."""
     rows: list[int | None] = []

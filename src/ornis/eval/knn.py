@@ -66,8 +66,14 @@ def evaluate_knn(
     names = train.class_names
     if test is None:
         scores = knn_predict(
-            train.embeddings, train.labels, train.embeddings, len(names), k=k, temperature=temperature,
-            exclude_self=True, device=device,
+            train.embeddings,
+            train.labels,
+            train.embeddings,
+            len(names),
+            k=k,
+            temperature=temperature,
+            exclude_self=True,
+            device=device,
         )
         truth = train.labels
         protocol = "leave-one-out"
@@ -80,7 +86,9 @@ def evaluate_knn(
             raise EmbeddingsFormatError(
                 f"embedding sizes differ: train {train.embeddings.shape[1]}, test {test.embeddings.shape[1]}"
             )
-        scores = knn_predict(train.embeddings, train.labels, test.embeddings, len(names), k=k, temperature=temperature, device=device)
+        scores = knn_predict(
+            train.embeddings, train.labels, test.embeddings, len(names), k=k, temperature=temperature, device=device
+        )
         truth = test.labels
         protocol = "train/test"
     return classification_report(scores, truth, names, {"k": k, "temperature": temperature, "protocol": protocol})

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ornis.errors import EmbeddingsFormatError
 
@@ -32,16 +34,20 @@ class EmbeddingTable:
 
     def subset(self, rows: np.ndarray) -> EmbeddingTable:
         labels = None if self.labels is None else self.labels[rows]
-        return EmbeddingTable([self.paths[i] for i in rows], self.embeddings[rows], labels, self.class_names, self.model)
+        return EmbeddingTable(
+            [self.paths[i] for i in rows], self.embeddings[rows], labels, self.class_names, self.model
+        )
 
 
-def embeddings_from_column(column, source: str | os.PathLike, name: str = EMBEDDING_COLUMN) -> np.ndarray:
+def embeddings_from_column(
+    column: pa.Array | pa.ChunkedArray, source: str | os.PathLike, name: str = EMBEDDING_COLUMN
+) -> np.ndarray:
     """A (fixed-size) list<float> Arrow column as an (N, D) float32 array, without a Python loop."""
-    import pyarrow as pa
-
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if not (pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+    if not (
+        pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+    ):
         raise EmbeddingsFormatError(f"{source}: column {name!r} should hold lists of floats, found {column.type}")
     if len(column) == 0:
         return np.zeros((0, getattr(column.type, "list_size", 0)), dtype=np.float32)
@@ -66,8 +72,6 @@ def read_embeddings(
     ``class_names`` fixes the label order (e.g. a training set's, so a validation file maps the same way); by
     default the sorted distinct names. ``labelled=False`` skips labels altogether.
     """
-    import pyarrow.parquet as pq
-
     source = Path(source)
     if not source.exists():
         raise EmbeddingsFormatError(f"{source}: no such embeddings file or folder")
@@ -75,7 +79,8 @@ def read_embeddings(
     for needed in (PATH_COLUMN, EMBEDDING_COLUMN):
         if needed not in table.column_names:
             raise EmbeddingsFormatError(
-                f"{source}: expected a {needed!r} column (as `ornis embed` writes), found {', '.join(table.column_names)}"
+                f"{source}: expected a {needed!r} column (as `ornis embed` writes), "
+                f"found {', '.join(table.column_names)}"
             )
     paths = [str(p) for p in table.column(PATH_COLUMN).to_pylist()]
     embeddings = embeddings_from_column(table.column(EMBEDDING_COLUMN), source)
@@ -94,10 +99,8 @@ def read_embeddings(
     return EmbeddingTable(paths, embeddings, labels, names, model)
 
 
-def _metadata(source: Path, table) -> dict[str, str]:
+def _metadata(source: Path, table: pa.Table) -> dict[str, str]:
     """The ``ornis.*`` key-value metadata of the file (of its first part, for a folder of parts)."""
-    import pyarrow.parquet as pq
-
     meta = table.schema.metadata
     if not meta and source.is_dir():
         parts = sorted(source.glob("part-*.parquet"))

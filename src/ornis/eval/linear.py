@@ -114,12 +114,20 @@ def evaluate_linear_probe(
     sweep: dict[tuple[float, float], float] = {}
     for lr, wd in itertools.product(lrs, weight_decays):
         probe = fit_linear_probe(
-            train.embeddings[fit_rows], train.labels[fit_rows], len(names), lr=lr, weight_decay=wd, epochs=epochs, seed=seed
+            train.embeddings[fit_rows],
+            train.labels[fit_rows],
+            len(names),
+            lr=lr,
+            weight_decay=wd,
+            epochs=epochs,
+            seed=seed,
         )
         pred = probe.scores(train.embeddings[val_rows]).argmax(axis=1)
         sweep[(lr, wd)] = float((pred == train.labels[val_rows]).mean())
     # Ties go to the stronger penalty, then the smaller learning rate: the more conservative fit
     lr, wd = max(sweep, key=lambda p: (sweep[p], p[1], -p[0]))
-    probe = fit_linear_probe(train.embeddings, train.labels, len(names), lr=lr, weight_decay=wd, epochs=epochs, seed=seed)
+    probe = fit_linear_probe(
+        train.embeddings, train.labels, len(names), lr=lr, weight_decay=wd, epochs=epochs, seed=seed
+    )
     details = {"lr": lr, "weight_decay": wd, "sweep_val_top1": round(sweep[(lr, wd)], 4), "protocol": protocol}
     return classification_report(probe.scores(test.embeddings), test.labels, names, details)

@@ -2,8 +2,8 @@
 
 Eight classes, five shapes and three textures. Hue, size, position, rotation, background and clutter are random
 and independent of the class (the figure is always darker than its ground), so only the form tells the classes
-apart: a model must look at shape and texture, not at a colour histogram. Every image is a pure function of ``(seed, index)``, so a "held-out set" is just a
-different seed and nothing needs to be stored.
+apart: a model must look at shape and texture, not at a colour histogram. Every image is a pure function of
+``(seed, index)``, so a "held-out set" is just a different seed and nothing needs to be stored.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple
 
 
 def _polygon(cx: float, cy: float, r: float, sides: int, angle: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(angle + 2 * math.pi * i / sides), cy + r * math.sin(angle + 2 * math.pi * i / sides)) for i in range(sides)]
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * i / sides), cy + r * math.sin(angle + 2 * math.pi * i / sides))
+        for i in range(sides)
+    ]
 
 
 def _rotated(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
