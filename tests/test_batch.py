@@ -3,6 +3,7 @@ file listed with its reason; resume, retry, the other input kinds, a SIGKILL mid
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -21,12 +22,16 @@ import pytest
 import torch
 from conftest import scale_err
 from PIL import Image
-from test_decode import BAD_REASONS, make_bad_images, make_good_images
+from support.images import BAD_REASONS, make_bad_images, make_good_images
 
 import ornis
+from ornis.cli import embed as embed_command
+from ornis.data.datasets import InputError
 from ornis.data.decode import decode_image
-from ornis.inference.batch import OutputFolderError, Progress, classify, embed, read_errors
+from ornis.inference.batch import BatchProgress, OutputFolderError, classify, embed, make_job, read_errors
+from ornis.inference.batch import model as batch_model
 from ornis.inference.classification import infer_image
+from ornis.weights import cache
 from ornis.weights.checkpoint import sha256_file
 
 PYTHON = sys.executable
@@ -67,9 +72,8 @@ def reference(checkpoint: Path):
 
 def _expected(reference, path: Path) -> tuple[np.ndarray, np.ndarray]:
     net, _, transform = reference
-    # 16-bit images are scaled to 8 bits where open_rgb clips; everything else is infer_image on the path itself
-    image = decode_image(path).image if path.stem.endswith("16") else path
-    return infer_image(net, image, transform, return_embedding=True)
+    # infer_image on the path itself: both paths share open_rgb, 16-bit images included
+    return infer_image(net, path, transform, return_embedding=True)
 
 
 def _run(collection, checkpoint: Path, out: Path, **kw):
@@ -162,6 +166,22 @@ def test_other_job_in_same_folder_is_refused(collection, checkpoint: Path, tmp_p
         _run(collection, moved, tmp_path / "out2", shard_size=50)
 
 
+def test_checkpoint_is_resolved_and_hashed_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    hashed: list[str] = []
+
+    def counting_sha256(path, *args, **kwargs):
+        hashed.append(str(path))
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "sha256_file", counting_sha256)  # the shipped demo weights are verified by hashing
+    monkeypatch.setattr(batch_model, "sha256_file", counting_sha256)
+    samples = Path(ornis.__file__).parent / "assets" / "samples"
+    opts = {"num_workers": 0, "batch_size": 8, "shard_size": 4, "progress": False, "device": "cpu"}
+    summary = embed([samples], model="ornis_shapes_vit_tiny", out=tmp_path / "out", **opts)
+    assert summary.done == 16 and summary.shards_total == 4
+    assert len(hashed) == 1, hashed
+
+
 def test_classify_top_k_equals_infer_image(collection, checkpoint: Path, reference, tmp_path: Path) -> None:
     root, good, _ = collection
     classify(
@@ -247,12 +267,24 @@ def test_float16_embeddings_and_feature_maps(collection, checkpoint: Path, refer
 
 
 def test_progress_bar_shows_rate_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
-    bar = Progress(total=100, world_size=2, enabled=True)
-    bar.start -= 10.0  # 10 s ago
+    bar = BatchProgress(total=100, world_size=2, enabled=True)
+    bar.bar.start_t -= 10.0  # 10 s ago
     bar.update(25)  # 25 here, 50 across both ranks: 5 images/s, 50 to go -> 10 s
     bar.close()
     err = capsys.readouterr().err
-    assert "50/100 images" in err and "5.0 images/s" in err and "ETA 00:00:10" in err
+    assert "50/100 images" in err and "5.00 images/s" in err and "ETA 00:10" in err
+
+
+def test_cli_defaults_are_the_library_defaults() -> None:
+    parser = argparse.ArgumentParser(prog="ornis")
+    embed_command.register(parser.add_subparsers())
+    for task in ("embed", "classify"):
+        for flag in ("-o", "--output", "--out"):  # --out: the older spelling
+            args = parser.parse_args([task, "photos/", "-m", "model.pt", flag, "emb/"])
+            assert embed_command.job_from_args(args) == make_job(["photos/"], model="model.pt", out="emb/", task=task)
+    args = parser.parse_args(["embed", "a", "-m", "m", "-o", "o", "--float16", "--precision", "bf16", "--workers", "2"])
+    job = embed_command.job_from_args(args)
+    assert (job.inputs, job.embedding_dtype, job.precision, job.num_workers) == (("a",), "float16", "bfloat16", 2)
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
@@ -313,8 +345,6 @@ def test_sigkill_midway_then_rerun_gives_the_same_rows(tmp_path: Path, checkpoin
 
 
 def test_bad_inputs_fail_before_anything_is_written(checkpoint: Path, tmp_path: Path) -> None:
-    from ornis.data.datasets import InputError
-
     with pytest.raises(InputError, match="no such file or folder"):
         embed([tmp_path / "missing"], model=checkpoint, out=tmp_path / "out", progress=False)
     with pytest.raises(InputError, match="matches no file"):

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import torch_threads
 from PIL import Image
 
 import ornis
-from conftest import torch_threads
 from ornis.inference.batch import embed, make_job, read_errors
 
 PYTHON = sys.executable

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ornis.cli.common import add_output_argument, default_of
+from ornis.inference.batch import BatchJob, make_job, run_batch
+
 PRECISION_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def register(subparsers: Any) -> None:
+    """Add ``ornis embed`` and ``ornis classify``."""
     for task in ("embed", "classify"):
         what = "embeddings" if task == "embed" else "top-k labels and probabilities"
         p = subparsers.add_parser(
             task,
             help=f"write {what} of many images to Parquet (resumable; torchrun / Ray for many GPUs)",
-            description=f"Write {what} of every image of INPUT to OUT/part-NNNNN.parquet. Running the same command "
-            "again resumes; under torchrun every rank takes shards.",
+            description=f"Write {what} of every image of INPUT to OUTPUT/part-NNNNN.parquet. Running the same "
+            "command again resumes; under torchrun every rank takes shards.",
         )
         p.add_argument(
             "inputs",
@@ -24,53 +28,79 @@ def register(subparsers: Any) -> None:
             help="folders, glob patterns, .txt/.csv/.parquet file lists, webdataset .tar shards",
         )
         p.add_argument("-m", "--model", required=True, help="published weights name or checkpoint path")
-        p.add_argument("-o", "--out", required=True, help="output folder")
+        add_output_argument(p, "output folder", aliases=("--out",))
         if task == "classify":
-            p.add_argument("-k", "--top-k", type=int, default=5, help="labels kept per image (default 5)")
+            top_k = default_of(BatchJob, "top_k")
+            p.add_argument("-k", "--top-k", type=int, default=top_k, help=f"labels kept per image (default {top_k})")
         else:
             p.add_argument("--float16", action="store_true", help="store embeddings (and feature maps) as float16")
-        p.add_argument("--features", metavar="STAGE", help="also save this detection_features map as .npy per shard")
-        p.add_argument("--network", help="architecture of a checkpoint that does not say it")
-        p.add_argument("--batch-size", type=int, help="images per batch (default 256 on GPU, 32 on CPU)")
-        p.add_argument("--workers", type=int, help="decoding processes per device (default from the CPU count)")
-        p.add_argument("--shard-size", type=int, default=1000, help="loose files per shard (a .tar is one shard)")
-        p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when there is a GPU)")
-        p.add_argument(
-            "--precision", default="auto", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16"
-        )
-        p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-        p.add_argument(
-            "--decode-on-device", action="store_true", help="decode and resize JPEGs on the GPU (nvJPEG) in batches"
-        )
-        p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: as infer_image)")
-        p.add_argument(
-            "--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)"
-        )
-        p.add_argument("--max-pixels", type=int, help="larger images are listed as decompression bombs")
-        p.add_argument("--retry-errors", action="store_true", help="re-try only the files that failed in earlier runs")
-        p.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="progress bar on stderr (default: on a terminal)",
-        )
-        p.add_argument(
-            "--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process"
-        )
-        p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
-        p.add_argument("--ray-workers", type=int, help="Ray tasks (default: one per GPU, else 1)")
+        _add_job_options(p)
         p.set_defaults(func=run, task=task)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ornis.inference.batch import make_job, run_batch
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    shard_size = default_of(BatchJob, "shard_size")
+    p.add_argument("--features", metavar="STAGE", help="also save this detection_features map as .npy per shard")
+    p.add_argument("--network", help="architecture of a checkpoint that does not say it")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=default_of(BatchJob, "batch_size"),
+        help="images per batch (default 256 on GPU, 32 on CPU)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_of(BatchJob, "num_workers"),
+        help="decoding processes per device (default from the CPU count)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=shard_size,
+        help=f"loose files per shard (default {shard_size}; a .tar is one shard)",
+    )
+    p.add_argument(
+        "--device",
+        default=default_of(BatchJob, "device"),
+        help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when there is a GPU)",
+    )
+    p.add_argument(
+        "--precision",
+        default=default_of(BatchJob, "precision"),
+        help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument(
+        "--decode-on-device", action="store_true", help="decode and resize JPEGs on the GPU (nvJPEG) in batches"
+    )
+    p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: as infer_image)")
+    p.add_argument(
+        "--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)"
+    )
+    p.add_argument("--max-pixels", type=int, help="larger images are listed as decompression bombs")
+    p.add_argument("--retry-errors", action="store_true", help="re-try only the files that failed in earlier runs")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(BatchJob, "progress"),
+        help="progress bar on stderr (default: on a terminal)",
+    )
+    p.add_argument(
+        "--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process"
+    )
+    p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+    p.add_argument("--ray-workers", type=int, help="Ray tasks (default: one per GPU, else 1)")
 
-    job = make_job(
+
+def job_from_args(args: argparse.Namespace) -> BatchJob:
+    """The ``BatchJob`` a parsed ``ornis embed`` / ``ornis classify`` command line asks for."""
+    return make_job(
         args.inputs,
         model=args.model,
-        out=args.out,
+        out=args.output,
         task=args.task,
-        top_k=getattr(args, "top_k", 5),
+        top_k=getattr(args, "top_k", default_of(BatchJob, "top_k")),
         embedding_dtype="float16" if getattr(args, "float16", False) else "float32",
         features=args.features,
         network=args.network,
@@ -87,7 +117,13 @@ def run(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         progress=args.progress,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the batch job in this process (one rank under torchrun) or on Ray."""
+    job = job_from_args(args)
     if args.ray:
+        # Ray is an optional extra: imported only when asked for
         from ornis.inference.ray_runner import run_with_ray
 
         run_with_ray(job, address=args.ray_address, num_tasks=args.ray_workers)

@@ -1,217 +1,72 @@
-"""Inputs for batch work: folders, glob patterns, file lists (txt / CSV / Parquet) and webdataset ``.tar`` shards,
-turned into a deterministic list of shards, and a dataset that decodes one sample of one shard.
+"""The batch runner's dataset: one sample of one planned shard, decoded (or left as JPEG bytes), never raised.
 
-- A folder is walked recursively in sorted order; files with a common image extension are taken, hidden files and
-  folders (``.name``) are left out. Files given one by one are taken whatever their extension.
-- A glob pattern (``*``, ``?``, ``[``; ``**`` recurses) is expanded in sorted order; each match is an input.
-- A ``.txt`` / ``.lst`` list has one path a line (blank lines and ``#`` comments skipped); a ``.csv`` or
-  ``.parquet`` list has a ``path`` column (or ``file`` / ``filename`` / ``image``; else the first column). Relative
-  paths are relative to the list file's folder.
-- A ``.tar`` is a webdataset shard: members sharing a key (the name up to the first dot of its last part) form one
-  sample, and the first image member of each sample is taken. Its rows are named ``<tar path>:<key>``. Tars are read
-  with :mod:`tarfile` by offset, so they must be uncompressed (as webdataset writes them).
-
-Loose files are cut into shards of ``shard_size`` in input order; each tar is one shard of its own.
+Inputs are read by the one input layer every command shares: :mod:`ornis.data.inputs` (folders, images, glob
+patterns, file lists), :mod:`ornis.data.tar` (webdataset shards: key = the member path up to the first dot of its
+file name, the first image member of each key is the sample) and :mod:`ornis.data.folders` (one image-extension set,
+hidden names left out); :mod:`ornis.data.plan` turns them into shards. The names the batch runner imports from
+here (``plan_shards``, ``write_plan``, ...) are re-exported.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
 import io
-import os
-import tarfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ornis.data.decode import IMAGE_EXTENSIONS, DecodeOptions, ImageDecodeError, decode_image
-from ornis.errors import OrnisError
+from ornis.data.decode import DecodeOptions, ImageDecodeError, decode_image, is_image_name, read_image_bytes
+from ornis.data.inputs import LIST_SUFFIXES, PATH_COLUMNS, InputError, read_file_list
+from ornis.data.plan import PLAN_SCHEMA, InputProblem, Item, Shard, index_tar, plan_shards, read_plan_shard, write_plan
+from ornis.data.tar import read_member
 
-LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
-PATH_COLUMNS = ("path", "file", "filename", "image")
-PLAN_SCHEMA = pa.schema(
-    [("shard", pa.int32()), ("key", pa.string()), ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
-)
+__all__ = [
+    "LIST_SUFFIXES",
+    "PATH_COLUMNS",
+    "PLAN_SCHEMA",
+    "InputError",
+    "InputProblem",
+    "Item",
+    "Sample",
+    "Shard",
+    "ShardDataset",
+    "collate_samples",
+    "index_tar",
+    "is_image_name",
+    "plan_shards",
+    "read_file_list",
+    "read_plan_shard",
+    "write_plan",
+]
+
+_CACHED_SHARDS = 4  # plan shards kept in memory by a worker (it reads its shard's rows once, not once a sample)
 
 
-class InputError(OrnisError):
-    """An input argument that names nothing usable (missing path, empty glob, list without a path column)."""
+@dataclass
+class Sample:
+    """What ``ShardDataset`` returns for one sample: decoded ``pixels`` (the transform's output) or the ``jpeg``
+    bytes left for the device, the decoded size, or ``ok=False`` and the ``reason`` it could not be used."""
 
-
-@dataclass(frozen=True)
-class Item:
-    """One sample: ``key`` is what the output row is called; a tar member also has its data offset and size."""
-
+    shard: int
+    index: int
     key: str
-    path: str
-    offset: int = -1
-    size: int = -1
-
-
-@dataclass(frozen=True)
-class Shard:
-    id: int
-    source: str  # "files", or the tar's path
-    items: tuple[Item, ...]
-
-
-@dataclass(frozen=True)
-class InputProblem:
-    """A whole input that could not be read while planning (an unreadable tar); listed in the errors file."""
-
-    key: str
-    reason: str
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def plan_shards(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> tuple[list[Shard], list[InputProblem]]:
-    """Every input expanded into samples, cut into shards. Deterministic: same inputs and files, same shards."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    files: list[Item] = []
-    tars: list[str] = []
-    seen: set[str] = set()
-    for kind, path in _expand(inputs):
-        if kind == "tar":
-            if path not in tars:
-                tars.append(path)
-        elif path not in seen:
-            seen.add(path)
-            files.append(Item(path, path))
-    shards = [
-        Shard(i, "files", tuple(files[s : s + shard_size])) for i, s in enumerate(range(0, len(files), shard_size))
-    ]
-    problems = []
-    for tar in tars:
-        try:
-            items = index_tar(tar)
-        except (OSError, tarfile.TarError) as e:
-            problems.append(InputProblem(tar, f"unreadable tar ({type(e).__name__}: {e})"))
-            continue
-        if items:
-            shards.append(Shard(len(shards), tar, tuple(items)))
-    return shards, problems
-
-
-def _expand(inputs: Iterable[str | os.PathLike]) -> Iterable[tuple[str, str]]:
-    """(kind, path) pairs, kind "file" or "tar", in input order."""
-    for raw in inputs:
-        text = os.fspath(raw)
-        path = Path(text)
-        if path.is_dir():
-            yield from _walk(path)
-        elif path.is_file() and path.suffix.lower() == ".tar":
-            yield "tar", text
-        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            for entry in read_file_list(path):
-                yield "file", entry
-        elif path.is_file():
-            yield "file", text
-        elif any(c in text for c in "*?["):
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
-                raise InputError(f"{text}: the pattern matches no file")
-            yield from _expand(m for m in matches if Path(m).is_dir() or is_image_name(m) or m.endswith(".tar"))
-        else:
-            raise InputError(
-                f"{text}: no such file or folder (expected a folder, an image, a glob pattern, a .tar shard or a {'/'.join(LIST_SUFFIXES)} file list)"
-            )
-
-
-def _walk(folder: Path) -> Iterable[tuple[str, str]]:
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith(".") and is_image_name(name):
-                yield "file", os.path.join(root, name)
-
-
-def read_file_list(path: Path) -> list[str]:
-    """The paths a ``.txt`` / ``.lst`` / ``.csv`` / ``.parquet`` list names, relative ones resolved against its folder."""
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".lst"):
-        entries = [ln.strip() for ln in path.read_text().splitlines()]
-        entries = [e for e in entries if e and not e.startswith("#")]
-    elif suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows:
-            return []
-        header = [h.strip().lower() for h in rows[0]]
-        column = next((header.index(c) for c in PATH_COLUMNS if c in header), None)
-        body = rows[1:] if column is not None else rows
-        entries = [r[column or 0].strip() for r in body if r and r[column or 0].strip()]
-    else:
-        table = pq.read_table(path)
-        names = [n.lower() for n in table.column_names]
-        column = next((table.column_names[names.index(c)] for c in PATH_COLUMNS if c in names), None)
-        if column is None:
-            raise InputError(
-                f"{path}: expected a column named one of {', '.join(PATH_COLUMNS)}, found {', '.join(table.column_names)}"
-            )
-        entries = [str(v) for v in table.column(column).to_pylist() if v]
-    base = path.parent
-    return [e if os.path.isabs(e) else os.path.join(base, e) for e in entries]
-
-
-def index_tar(tar_path: str) -> list[Item]:
-    """The image samples of an uncompressed webdataset tar, in stored order, with their data offsets."""
-    items: list[Item] = []
-    seen: set[str] = set()
-    with tarfile.open(tar_path, "r:") as tf:
-        for member in tf:
-            if not member.isfile() or not is_image_name(member.name):
-                continue
-            folder, base = os.path.split(member.name)
-            key = os.path.join(folder, base.split(".", 1)[0])
-            if key in seen:  # a second image of the same sample (e.g. a mask): the first one is the sample
-                continue
-            seen.add(key)
-            items.append(Item(f"{tar_path}:{key}", tar_path, member.offset_data, member.size))
-    return items
-
-
-# -- the plan on disk: one Parquet row group a shard, so a worker reads only the shard it needs ------------------
-def write_plan(shards: Sequence[Shard], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pq.ParquetWriter(tmp, PLAN_SCHEMA) as writer:
-        for shard in shards:
-            writer.write_table(
-                pa.table(
-                    {
-                        "shard": pa.array([shard.id] * len(shard.items), pa.int32()),
-                        "key": [i.key for i in shard.items],
-                        "path": [i.path for i in shard.items],
-                        "offset": pa.array([i.offset for i in shard.items], pa.int64()),
-                        "size": pa.array([i.size for i in shard.items], pa.int64()),
-                    },
-                    schema=PLAN_SCHEMA,
-                )
-            )
-    os.replace(tmp, path)
-
-
-def read_plan_shard(path: Path, shard_id: int) -> list[Item]:
-    table = pq.ParquetFile(path).read_row_group(shard_id)
-    cols = table.to_pydict()
-    return [Item(k, p, o, s) for k, p, o, s in zip(cols["key"], cols["path"], cols["offset"], cols["size"])]
+    ok: bool = False
+    pixels: torch.Tensor | None = None
+    jpeg: torch.Tensor | None = None
+    width: int = 0
+    height: int = 0
+    reason: str = ""
+    decode_s: float = 0.0
 
 
 class ShardDataset(Dataset):
-    """``dataset[(shard, index)]`` decodes one sample and returns a dict; a bad sample is returned as a dict with
+    """``dataset[(shard, index)]`` decodes one sample and returns a ``Sample``; a bad sample is returned with
     ``ok=False`` and its ``reason``, never raised, so one file cannot end a DataLoader worker or the run.
 
     ``transform`` runs on the decoded RGB PIL image in the worker (the CPU part of the preprocessing). With
@@ -231,39 +86,41 @@ class ShardDataset(Dataset):
         self.options = options or DecodeOptions()
         self.raw_jpeg = raw_jpeg
         self._shards: OrderedDict[int, list[Item]] = OrderedDict()
-        self._tar: tuple[str, Any] | None = None
+        self._tar: tuple[str, BinaryIO] | None = None
 
     def items(self, shard_id: int) -> list[Item]:
+        """The planned samples of one shard."""
         if shard_id not in self._shards:
             self._shards[shard_id] = read_plan_shard(self.plan_path, shard_id)
-            while len(self._shards) > 4:
+            while len(self._shards) > _CACHED_SHARDS:
                 self._shards.popitem(last=False)
         return self._shards[shard_id]
 
-    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, index: tuple[int, int]) -> Sample:
         shard_id, i = index
         item = self.items(shard_id)[i]
         start = time.perf_counter()
-        out: dict[str, Any] = {"shard": shard_id, "index": i, "key": item.key}
+        sample = Sample(shard_id, i, item.key)
         try:
             data = self._read_tar_member(item) if item.offset >= 0 else item.path
             if self.raw_jpeg:
-                data = _read_bytes(data, item.key)
+                data = data if isinstance(data, bytes) else read_image_bytes(data, item.key)
                 size = self._plain_jpeg_size(data)
                 if size is not None:
                     jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                    out.update(ok=True, jpeg=jpeg, width=size[0], height=size[1], decode_s=time.perf_counter() - start)
-                    return out
+                    sample.ok, sample.jpeg, (sample.width, sample.height) = True, jpeg, size
+                    sample.decode_s = time.perf_counter() - start
+                    return sample
             decoded = decode_image(data, self.options, source=item.key)
             pixels = self.transform(decoded.image)
         except ImageDecodeError as e:
-            out.update(ok=False, reason=e.reason)
+            sample.reason = e.reason
         except Exception as e:  # noqa: BLE001 - a transform failing on one odd image must not end the run either
-            out.update(ok=False, reason=f"preprocessing failed ({type(e).__name__}: {e})")
+            sample.reason = f"preprocessing failed ({type(e).__name__}: {e})"
         else:
-            out.update(ok=True, pixels=pixels, width=decoded.width, height=decoded.height)
-        out["decode_s"] = time.perf_counter() - start
-        return out
+            sample.ok, sample.pixels, sample.width, sample.height = True, pixels, decoded.width, decoded.height
+        sample.decode_s = time.perf_counter() - start
+        return sample
 
     def _plain_jpeg_size(self, data: bytes) -> tuple[int, int] | None:
         """(width, height) of a JPEG the device decoder gives the same colours for (RGB or L, within the pixel
@@ -284,12 +141,7 @@ class ShardDataset(Dataset):
             if self._tar is not None:
                 self._tar[1].close()
             self._tar = (item.path, open(item.path, "rb"))  # noqa: SIM115 - kept open across samples, closed on switch
-        f = self._tar[1]
-        f.seek(item.offset)
-        data = f.read(item.size)
-        if len(data) != item.size:
-            raise ImageDecodeError(item.key, f"truncated tar member ({len(data)} of {item.size} bytes)")
-        return data
+        return read_member(self._tar[1], item.offset, item.size, item.key)
 
     def __getstate__(self) -> dict[str, Any]:  # open files and caches stay in the process that made them
         return {**self.__dict__, "_shards": OrderedDict(), "_tar": None}
@@ -298,32 +150,22 @@ class ShardDataset(Dataset):
         raise TypeError("ShardDataset is indexed by (shard, index) pairs from a sampler; it has no length")
 
 
-def _read_bytes(data: bytes | str, source: str) -> bytes:
-    if isinstance(data, bytes):
-        return data
-    try:
-        with open(data, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ImageDecodeError(source, "file not found") from None
-    except OSError as e:
-        raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
-
-
-def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch: the good samples' pixels stacked, their keys and sizes, and the bad ones as error records. Samples
-    left as JPEG bytes (``raw_jpeg``) come after the decoded ones, their bytes in ``jpeg``."""
-    decoded = [s for s in samples if s["ok"] and "pixels" in s]
-    good = decoded + [s for s in samples if s["ok"] and "jpeg" in s]
+def collate_samples(samples: list[Sample]) -> dict[str, Any]:
+    """A batch: the good samples' pixels stacked, their keys and sizes, and the bad ones as error records
+    ``(shard, index, key, reason)``. Samples left as JPEG bytes (``raw_jpeg``) come after the decoded ones, their
+    bytes in ``jpeg``."""
+    decoded = [s for s in samples if s.ok and s.pixels is not None]
+    raw = [s for s in samples if s.ok and s.jpeg is not None]
+    good = decoded + raw
     return {
-        "pixels": torch.stack([s["pixels"] for s in decoded]) if decoded else None,
-        "jpeg": [s["jpeg"] for s in good[len(decoded) :]],
-        "shard": [s["shard"] for s in good],
-        "index": [s["index"] for s in good],
-        "key": [s["key"] for s in good],
-        "width": [s["width"] for s in good],
-        "height": [s["height"] for s in good],
-        "errors": [(s["shard"], s["index"], s["key"], s["reason"]) for s in samples if not s["ok"]],
-        "decode_s": sum(s["decode_s"] for s in samples),
+        "pixels": torch.stack([s.pixels for s in decoded]) if decoded else None,
+        "jpeg": [s.jpeg for s in raw],
+        "shard": [s.shard for s in good],
+        "index": [s.index for s in good],
+        "key": [s.key for s in good],
+        "width": [s.width for s in good],
+        "height": [s.height for s in good],
+        "errors": [(s.shard, s.index, s.key, s.reason) for s in samples if not s.ok],
+        "decode_s": sum(s.decode_s for s in samples),
         "count": len(samples),
     }

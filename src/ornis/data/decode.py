@@ -7,8 +7,8 @@ so that batch rows equal ``infer_image``'s output:
   ``open_rgb`` does); ``composite_alpha=True`` composites on white instead.
 - 16-bit images (``I;16*`` / ``I`` modes, e.g. 16-bit grayscale PNG or TIFF): Pillow's own conversion clips every
   value above 255 to white, so these are scaled to 8 bits properly (``round(v / 257)``) before the RGB conversion.
-  This is the one place the batch path deliberately differs from ``open_rgb``. (16-bit RGB PNGs are already
-  opened by Pillow as 8-bit RGB from the high bytes.)
+  ``open_rgb`` (``ornis.inference.preprocess``) uses this same conversion, so ``infer_image`` agrees with the
+  batch path. (16-bit RGB PNGs are already opened by Pillow as 8-bit RGB from the high bytes.)
 - EXIF orientation is ignored by default (as ``infer_image`` does); ``exif_transpose=True`` applies it.
 
 Bad files raise ``ImageDecodeError`` with a short reason: empty (0 bytes), not an image, truncated, corrupt,
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ornis.errors import OrnisError
+from ornis.errors import OrnisError, first_line
 
 # Pillow's own default (89.5 Mpx; a 12-bit 200 Mpx scan is rare in photo collections). Set explicitly so that the
 # bomb check does not depend on what another library did to the global, and raised rather than warned about.
@@ -63,6 +63,9 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 
+# How much of a lower-level error message a reason quotes (reasons are one line of the errors file).
+REASON_LIMIT = 200
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -85,6 +88,8 @@ class DecodeOptions:
 
 
 class DecodedImage(NamedTuple):
+    """A decoded image and its size."""
+
     image: Image.Image  # RGB
     width: int  # of the decoded image (after EXIF transposition when that is on)
     height: int
@@ -93,17 +98,12 @@ class DecodedImage(NamedTuple):
 def decode_image(
     data: bytes | str | os.PathLike, options: DecodeOptions = DecodeOptions(), source: str | None = None
 ) -> DecodedImage:
-    """Bytes or a path -> an RGB PIL image and its size; ``ImageDecodeError`` for anything that is not a usable image."""
+    """Bytes or a path -> an RGB PIL image and its size; ``ImageDecodeError`` for anything that is not a usable
+    image."""
     if source is None:
         source = "<bytes>" if isinstance(data, bytes) else os.fspath(data)
     if not isinstance(data, bytes):
-        try:
-            with open(data, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise ImageDecodeError(source, "file not found") from None
-        except OSError as e:
-            raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
+        data = read_image_bytes(data, source)
     if len(data) == 0:
         raise ImageDecodeError(source, "empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = options.max_pixels
@@ -116,7 +116,9 @@ def decode_image(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(source, f"decompression bomb ({e})") from None
         except Exception as e:  # noqa: BLE001 - Pillow's plugins raise anything on malformed headers
-            raise ImageDecodeError(source, f"corrupt header ({type(e).__name__}: {_first_line(e)})") from None
+            raise ImageDecodeError(
+                source, f"corrupt header ({type(e).__name__}: {first_line(e, REASON_LIMIT)})"
+            ) from None
         width, height = image.size
         if width * height > options.max_pixels:
             raise ImageDecodeError(
@@ -127,16 +129,36 @@ def decode_image(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(source, f"decompression bomb ({e})") from None
         except OSError as e:
-            text = _first_line(e)
+            text = first_line(e, REASON_LIMIT)
             kind = "truncated" if "truncated" in text else "corrupt"
             raise ImageDecodeError(source, f"{kind} ({text})") from None
         except Exception as e:  # noqa: BLE001
-            raise ImageDecodeError(source, f"corrupt ({type(e).__name__}: {_first_line(e)})") from None
+            raise ImageDecodeError(source, f"corrupt ({type(e).__name__}: {first_line(e, REASON_LIMIT)})") from None
     try:
         rgb = to_rgb(image, options)
     except Exception as e:  # noqa: BLE001
-        raise ImageDecodeError(source, f"cannot convert mode {image.mode} to RGB ({_first_line(e)})") from None
+        raise ImageDecodeError(
+            source, f"cannot convert mode {image.mode} to RGB ({first_line(e, REASON_LIMIT)})"
+        ) from None
     return DecodedImage(rgb, rgb.width, rgb.height)
+
+
+def read_image_bytes(path: str | os.PathLike, source: str | None = None) -> bytes:
+    """The bytes of an image file; ``ImageDecodeError`` ("file not found", "cannot read file") when there are none."""
+    source = os.fspath(path) if source is None else source
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageDecodeError(source, "file not found") from None
+    except OSError as e:
+        raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of the ``IMAGE_EXTENSIONS`` (case-insensitive): the one rule that decides which
+    files of a folder and which members of a tar shard are images."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def to_rgb(image: Image.Image, options: DecodeOptions = DecodeOptions()) -> Image.Image:
@@ -156,8 +178,3 @@ def sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
     """A 16-bit single-channel image as 8-bit L, full range mapped to full range (``round(v / 257)``)."""
     values = np.asarray(image).astype(np.float64)
     return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__

@@ -14,7 +14,6 @@ import torch
 from torchvision.transforms import v2
 
 
-
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 

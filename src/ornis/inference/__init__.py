@@ -1,1 +1,2 @@
-"""Inference: one image (``ornis.inference.classification``) and collections (the batch runner)."""
+"""Inference: one image (``ornis.inference.classification``), collections (the batch runner,
+``ornis.inference.batch``), and the preprocessing both share (``ornis.inference.preprocess``)."""

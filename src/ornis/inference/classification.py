@@ -1,4 +1,8 @@
-"""One-off inference on a single image, with the reference's signature and results."""
+"""One-off inference on a single image, with the reference's signature and results.
+
+The image goes through ``open_rgb`` (``ornis.inference.preprocess``), the RGB conversion the batch runner uses, so
+``infer_image`` and ``ornis embed`` see the same pixels for every kind of file (16-bit, palette, CMYK, RGBA).
+"""
 
 from __future__ import annotations
 
@@ -13,16 +17,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import five_crop
 
+from ornis.inference.preprocess import open_rgb
 
-def open_rgb(sample: Image.Image | str | os.PathLike) -> Image.Image:
-    """A PIL image in RGB mode, from a path or an image in any mode."""
-    if isinstance(sample, Image.Image):
-        image = sample
-    elif isinstance(sample, (str, os.PathLike)):
-        image = Image.open(sample)
-    else:
-        raise TypeError(f"expected a path or a PIL image, got {type(sample).__name__}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+__all__ = ["infer_batch", "infer_image", "open_rgb"]
 
 
 def infer_image(
@@ -45,7 +42,9 @@ def infer_image(
     device = torch.device(device) if device is not None else next(net.parameters()).device
     inputs = transform(image).unsqueeze(0).to(device)
     with torch.inference_mode():
-        return infer_batch(net, inputs, return_embedding=return_embedding, tta=tta, return_logits=return_logits, **kwargs)
+        return infer_batch(
+            net, inputs, return_embedding=return_embedding, tta=tta, return_logits=return_logits, **kwargs
+        )
 
 
 def infer_batch(
@@ -66,7 +65,10 @@ def infer_batch(
         # Five 80% crops (corners and centre) resized back to the input size; probabilities averaged
         H, W = inputs.shape[-2:]
         resize = v2.Resize((H, W), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-        outs = [_activate(net(resize(crop), **kwargs), return_logits) for crop in five_crop(inputs, [int(H * 0.8), int(W * 0.8)])]
+        outs = [
+            _activate(net(resize(crop), **kwargs), return_logits)
+            for crop in five_crop(inputs, [int(H * 0.8), int(W * 0.8)])
+        ]
         return torch.stack(outs).mean(dim=0).float().cpu().numpy(), None
     else:
         logits = net(inputs, **kwargs)

@@ -9,27 +9,26 @@ folder must be on storage every node sees.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ornis.errors import OrnisError
 from ornis.inference.batch import (
-    MANIFEST,
     BatchJob,
     BatchSummary,
+    ResolvedModel,
     WorkerStats,
     finalize_output,
-    part_name,
+    pending_shards,
     prepare_output,
     run_worker,
 )
+from ornis.utils.distributed import DistInfo
 
 
-def _run_task(job: BatchJob, rank: int, world_size: int) -> WorkerStats:
-    return run_worker(job, rank=rank, world_size=world_size)
+def _run_task(job: BatchJob, model: ResolvedModel, rank: int, world_size: int) -> WorkerStats:
+    return run_worker(job, dist=DistInfo(rank, world_size), model=model)
 
 
 def run_with_ray(
@@ -56,7 +55,7 @@ def run_with_ray(
     tasks = num_tasks or max(1, gpus)
     if cpus_per_task is None:
         cpus_per_task = max(1.0, float(resources.get("CPU", 1)) // tasks)
-    skipped = prepare_output(job)
+    prepared = prepare_output(job)  # the checkpoint is resolved and hashed here, once, and handed to every task
     # Inside a task, DataLoader workers use the task's CPUs; the device is the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
     workers = (
         job.num_workers
@@ -69,10 +68,10 @@ def run_with_ray(
     for round_ in range(3):
         if round_ > 0:
             # A task that died (a lost node) leaves its claimed shards unfinished: a new claim attempt frees them
-            if not pending_shards(job):
+            if not pending_shards(job.out):
                 break
-            prepare_output(job)
-        refs = [remote.remote(task_job, rank, tasks) for rank in range(tasks)]
+            prepare_output(job, model=prepared.model)
+        refs = [remote.remote(task_job, prepared.model, rank, tasks) for rank in range(tasks)]
         finished, failed = [], []
         for ref in refs:
             try:
@@ -85,10 +84,4 @@ def run_with_ray(
             break
         if not finished:
             raise OrnisError(f"every Ray task failed; the first: {failed[0]}")
-    return finalize_output(job, totals, skipped=skipped, world_size=tasks, started=started)
-
-
-def pending_shards(job: BatchJob) -> list[int]:
-    """Shards of a prepared output folder that have no part file yet."""
-    manifest = json.loads((Path(job.out) / MANIFEST).read_text())
-    return [s["id"] for s in manifest["shards"] if not (Path(job.out) / part_name(s["id"])).exists()]
+    return finalize_output(job, totals, skipped=prepared.skipped, started=started, dist=DistInfo(0, tasks))

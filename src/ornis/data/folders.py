@@ -1,0 +1,37 @@
+"""The images of a folder: one rule for every command that walks one (``ornis embed``, ``ornis train``, ...).
+
+- An image is a file whose extension is one of ``IMAGE_EXTENSIONS`` (case-insensitive: ``.JPG`` counts).
+- A hidden file or folder (its name starts with ``.``) is left out, with everything under it.
+- A folder is walked recursively in sorted order: a folder's own files (sorted by name) come before its
+  sub-folders' (sorted by name, each walked the same way).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from ornis.data.decode import IMAGE_EXTENSIONS, is_image_name
+
+__all__ = ["IMAGE_EXTENSIONS", "is_hidden", "is_image_name", "sub_folders", "walk_images"]
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name (not a path) is hidden: it starts with a dot, as ``.DS_Store``, ``.git`` or the
+    ``._photo.jpg`` companions macOS writes beside every file on a foreign disk."""
+    return name.startswith(".")
+
+
+def walk_images(folder: str | os.PathLike) -> Iterator[str]:
+    """Every image under ``folder`` in the walk order the module doc describes, as ``os.path.join`` paths."""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+        for name in sorted(names):
+            if not is_hidden(name) and is_image_name(name):
+                yield os.path.join(root, name)
+
+
+def sub_folders(folder: str | os.PathLike) -> list[str]:
+    """The names of ``folder``'s visible sub-folders, sorted (the classes of an ImageFolder layout)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not is_hidden(e.name))

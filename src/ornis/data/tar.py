@@ -1,0 +1,95 @@
+"""Webdataset ``.tar`` shards: which members form a sample, and reading one member's bytes by offset.
+
+The rules, the same for every command that reads a shard:
+
+- A member's key is its path up to the first dot of its last path component, and what follows that dot is its
+  field (webdataset's rule): ``dir/c.JPEG`` is key ``dir/c``, field ``jpeg``; ``b.x.png`` is key ``b``, field
+  ``x.png``. A member whose name is hidden (starts with a dot, such as macOS's ``._a.jpg``) has no key and is
+  left out, as webdataset leaves it out.
+- A member is an image when its name ends with one of ``IMAGE_EXTENSIONS`` (``b.x.png`` is one). A sample is a key
+  with at least one image; when a key has several (an image and its mask), the first one stored is the sample.
+- A ``.cls`` or ``.label`` member holds the sample's integer class label, read only when labels are asked for.
+- Samples come in the order their image is stored. Only the headers are read (no image data), so a shard is indexed
+  once and its samples read in any order; tars must therefore be uncompressed, as webdataset writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import BinaryIO, NamedTuple
+
+from ornis.data.decode import ImageDecodeError, is_image_name
+from ornis.data.folders import is_hidden
+
+TAR_LABEL_EXTENSIONS = ("cls", "label")
+
+
+class TarSample(NamedTuple):
+    """One sample of a shard: its key, where its image's bytes are, and its label (``None`` when it has none or
+    labels were not read)."""
+
+    key: str
+    offset: int  # of the image's data in the tar file
+    size: int
+    label: int | None = None
+
+
+def is_tar_name(name: str | os.PathLike) -> bool:
+    """Whether a path names a tar shard (``.tar``, case-insensitive)."""
+    return os.fspath(name).lower().endswith(".tar")
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``(key, field)`` of a member name by webdataset's rule (field lower-cased); ``None`` for a hidden name."""
+    folder, _, base = name.rpartition("/")
+    if not base or is_hidden(base):
+        return None
+    stem, _, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field.lower()
+
+
+def index_tar_samples(path: str | os.PathLike, read_labels: bool = False) -> list[TarSample]:
+    """The samples of an uncompressed webdataset shard, by the rules of the module doc.
+
+    Raises ``OSError`` / ``tarfile.TarError`` for a file that cannot be read as a tar, and ``ValueError`` for a label
+    member that does not hold an integer.
+    """
+    images: dict[str, tuple[int, int]] = {}  # insertion order is stored order
+    labels: dict[str, int] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            parts = split_member_name(member.name) if member.isfile() else None
+            if parts is None:
+                continue
+            key, field = parts
+            if is_image_name(member.name):
+                images.setdefault(key, (member.offset_data, member.size))
+            elif read_labels and field in TAR_LABEL_EXTENSIONS:
+                labels[key] = _read_label(tar, member, path)
+    return [TarSample(key, offset, size, labels.get(key)) for key, (offset, size) in images.items()]
+
+
+def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str | os.PathLike) -> int:
+    f = tar.extractfile(member)
+    raw = f.read() if f is not None else b""
+    try:
+        return int(raw.decode().strip())
+    except ValueError:  # UnicodeDecodeError is one too
+        raise ValueError(f"{os.fspath(path)}: member {member.name} holds {raw[:40]!r}, not an integer label") from None
+
+
+def read_member(file: BinaryIO, offset: int, size: int, source: str) -> bytes:
+    """``size`` bytes at ``offset`` of an open tar file; ``ImageDecodeError`` (named ``source``) when the file ends
+    before them."""
+    file.seek(offset)
+    data = file.read(size)
+    if len(data) != size:
+        raise ImageDecodeError(source, f"truncated tar member ({len(data)} of {size} bytes)")
+    return data
+
+
+def read_tar_member(path: str | os.PathLike, offset: int, size: int, source: str) -> bytes:
+    """``read_member`` on the tar file at ``path``, opened for this one read."""
+    with open(path, "rb") as f:
+        return read_member(f, offset, size, source)

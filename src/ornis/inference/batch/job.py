@@ -1,0 +1,170 @@
+"""What a batch run is asked to do (``BatchJob``), what a worker did (``WorkerStats``) and what the run did
+(``BatchSummary``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ornis.data.decode import DecodeOptions
+from ornis.inference.batch.layout import ERRORS
+
+TASKS = ("embed", "classify")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Everything that defines a batch run. The fields in ``IDENTITY`` must match to resume into a folder; the rest
+    (device, batch size, workers...) can change between runs."""
+
+    inputs: tuple[str, ...]
+    out: str
+    model: str
+    task: str = "embed"
+    top_k: int = 5
+    shard_size: int = 1000
+    embedding_dtype: str = "float32"
+    features: str | None = None
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    network: str | None = None
+    precision: str = "auto"  # bf16 autocast on CUDA, float32 on CPU
+    batch_size: int | None = None  # 256 on CUDA, 32 on CPU
+    num_workers: int | None = None  # from the CPU count
+    device: str | None = None  # cuda:<local rank> when there is a GPU
+    compile: bool = False
+    channels_last: bool | None = None  # on CUDA by default
+    # Plain JPEGs decoded in batches on the model's device (nvJPEG on CUDA) and resized there (bicubic, antialiased):
+    # for when the CPUs cannot decode as fast as the GPU embeds. Pixels differ from Pillow's by a level or so.
+    decode_on_device: bool = False
+    retry_errors: bool = False
+    progress: bool | None = None  # default: when stderr is a terminal
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "inputs",
+        "model",
+        "task",
+        "top_k",
+        "shard_size",
+        "embedding_dtype",
+        "features",
+        "decode",
+        "network",
+        "decode_on_device",
+    )
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.embedding_dtype not in ("float32", "float16"):
+            raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must match to resume into a folder, as the manifest stores them (JSON types)."""
+        d = {k: getattr(self, k) for k in self.IDENTITY}
+        d["inputs"] = list(self.inputs)
+        d["decode"] = asdict(self.decode)
+        return d
+
+
+def make_job(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    **options: Any,
+) -> BatchJob:
+    """A ``BatchJob`` from loose arguments: one input or many, paths or strings, and the decoding options
+    (``exif_transpose``, ``composite_alpha``, ``max_pixels``) given flat or as ``decode=DecodeOptions(...)``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    decode = options.pop("decode", None)
+    flat = {k: options.pop(k) for k in ("exif_transpose", "composite_alpha", "max_pixels") if k in options}
+    if decode is None:
+        decode = DecodeOptions(**{k: v for k, v in flat.items() if v})  # a None or 0 max_pixels: the default
+    return BatchJob(
+        inputs=tuple(os.fspath(i) for i in inputs), out=os.fspath(out), model=os.fspath(model), decode=decode, **options
+    )
+
+
+_COUNTS = ("images", "errors", "shards")
+_SUMMED = (*_COUNTS, "decode_s", "wait_s", "model_s")
+_LONGEST = ("wall_s", "loop_s")
+
+
+@dataclass
+class WorkerStats:
+    """One worker's counts and timings; ``add`` combines workers (sums, and the longest of the wall times)."""
+
+    images: int = 0
+    errors: int = 0
+    shards: int = 0
+    decode_s: float = 0.0  # CPU seconds decoding and resizing, summed over DataLoader workers
+    wait_s: float = 0.0  # seconds the model loop waited for decoded batches
+    model_s: float = 0.0  # seconds the model loop spent on the device (copies, forward, results)
+    loop_s: float = 0.0  # from the first decoded batch to the end: the steady pipeline, without start-up
+    wall_s: float = 0.0
+
+    SUMMED: ClassVar[tuple[str, ...]] = _SUMMED
+    LONGEST: ClassVar[tuple[str, ...]] = _LONGEST
+
+    def add(self, other: WorkerStats) -> None:
+        """Add ``other``'s counts and times to these; wall and loop times are the longer of the two."""
+        for k in _SUMMED:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k in _LONGEST:
+            setattr(self, k, max(getattr(self, k), getattr(other, k)))
+
+    @classmethod
+    def from_values(cls, summed: Sequence[float], longest: Sequence[float]) -> WorkerStats:
+        """Stats from the values of ``SUMMED`` and ``LONGEST`` in order (as collectives return them)."""
+        values = {k: (int(v) if k in _COUNTS else float(v)) for k, v in zip(_SUMMED, summed)}
+        values.update({k: float(v) for k, v in zip(_LONGEST, longest)})
+        return cls(**values)
+
+    def values(self, names: Sequence[str]) -> list[float]:
+        """The values of ``names`` as floats, for a collective."""
+        return [float(getattr(self, k)) for k in names]
+
+
+@dataclass
+class BatchSummary:
+    """What a run did. ``done`` images embedded / classified now, ``skipped`` already done before (resume)."""
+
+    out: Path
+    done: int
+    skipped: int
+    errors: int
+    shards_done: int
+    shards_total: int
+    wall_s: float
+    decode_s: float
+    wait_s: float
+    model_s: float
+    loop_s: float = 0.0
+    world_size: int = 1
+    error_records: int = 0  # lines in the errors file, all runs together
+
+    @property
+    def images_per_s(self) -> float:
+        """Images done now per second of wall time, start-up included."""
+        return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.done} images done, {self.skipped} skipped (already done), {self.errors} errors "
+            f"({self.error_records} listed in {self.out / ERRORS}); {self.shards_done}/{self.shards_total} shards; "
+            f"{self.images_per_s:.1f} images/s over {self.wall_s:.1f} s on {self.world_size} process(es); "
+            f"decoding {self.decode_s:.1f} CPU-s in workers, waiting for data {self.wait_s:.1f} s, "
+            f"model {self.model_s:.1f} s"
+        )
+
+
+assert {f.name for f in fields(WorkerStats)} == {*_SUMMED, *_LONGEST}  # every field is combined one way or the other

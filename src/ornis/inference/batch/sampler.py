@@ -1,0 +1,71 @@
+"""Which samples a worker decodes: shards claimed one at a time, cut into batches."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from torch.utils.data import Sampler
+
+from ornis.inference.batch.layout import CLAIMS_DIR, errors_path, part_name
+from ornis.inference.batch.manifest import Manifest, ShardEntry
+from ornis.utils.fs import read_jsonl
+
+
+class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (shard, index) pairs, one shard after another. A shard is taken only if its part file is absent
+    (or, retrying errors, lists failed files) and this process wins the exclusive create of its claim file; the
+    DataLoader pulls batches lazily, so a rank claims its next shard only when it is ready for it. Batches never
+    span two shards, so their make-up (and the floating-point result) does not depend on which rank ran them.
+
+    With ``shard_ids`` it takes exactly those shards, without claiming. ``expected`` maps each shard taken to the
+    indices handed out for it, so the writer knows when a shard is complete."""
+
+    def __init__(
+        self,
+        out: Path,
+        manifest: Manifest,
+        batch_size: int,
+        *,
+        retry_errors: bool,
+        shard_ids: Sequence[int] | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.out = out
+        self.rank = rank
+        self.claims = out / CLAIMS_DIR / str(manifest.attempt)
+        self.shards = [s for s in manifest.shards if shard_ids is None or s.id in shard_ids]
+        self.batch_size = batch_size
+        self.retry_errors = retry_errors
+        self.claim = shard_ids is None
+        self.expected: dict[int, list[int]] = {}
+
+    def _indices(self, shard: ShardEntry) -> list[int] | None:
+        if not (self.out / part_name(shard.id)).exists():
+            return list(range(shard.count))
+        if self.retry_errors:
+            failed = sorted({e["index"] for e in read_jsonl(errors_path(self.out, shard.id))})
+            return failed or None
+        return None
+
+    def _claimed(self, shard_id: int) -> bool:
+        if not self.claim:
+            return True
+        try:
+            fd = os.open(self.claims / f"{shard_id:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:  # who took it, for whoever debugs a slow shard
+            f.write(f"rank {self.rank} host {socket.gethostname()} pid {os.getpid()}\n")
+        return True
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for shard in self.shards:
+            indices = self._indices(shard)
+            if not indices or not self._claimed(shard.id):
+                continue
+            self.expected[shard.id] = indices
+            for s in range(0, len(indices), self.batch_size):
+                yield [(shard.id, i) for i in indices[s : s + self.batch_size]]
