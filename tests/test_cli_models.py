@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from test_download import WeightsServer
+from support.hub import running_server, weights_entry
 
 import ornis
 from ornis.cli.main import main
 from ornis.weights import download, manifest
-from ornis.weights.manifest import PretrainedWeights, WeightsFile
 
 NAME = "vit_t16_cli-test"
 NETWORK = "vit_t16"
@@ -39,28 +37,14 @@ def published_only(monkeypatch):
 @pytest.fixture()
 def served(checkpoint_bytes, monkeypatch, tmp_path, published_only):
     """A manifest entry served from a loopback server; an empty cache under tmp_path."""
-    srv = WeightsServer()
-    srv.files[f"/m/{NAME}.pt"] = checkpoint_bytes
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    weights = PretrainedWeights(
-        name=NAME,
-        network=NETWORK,
-        tag="cli-test",
-        resolution=(32, 32),
-        task="image_classification",
-        description="random weights for CLI tests",
-        files=(WeightsFile("pt", len(checkpoint_bytes) / 1e6, hashlib.sha256(checkpoint_bytes).hexdigest()),),
-        num_classes=0,
-        base_url="http://127.0.0.1:9/unused",  # never reached: the tests pass --base-url
-    )
+    # The entry's own URL is never reached: the tests pass --base-url
+    weights = weights_entry(NAME, NETWORK, checkpoint_bytes, num_classes=0, base_url="http://127.0.0.1:9/unused")
     monkeypatch.setitem(manifest.MANIFEST, NAME, weights)
     monkeypatch.setenv("ORNIS_OFFLINE", "0")
     monkeypatch.delenv("ORNIS_BASE_URL", raising=False)
     monkeypatch.setattr(download, "BACKOFF_S", 0.01)
-    yield srv, weights, tmp_path / "cache"
-    srv.shutdown()
-    srv.server_close()
+    with running_server({f"/m/{NAME}.pt": checkpoint_bytes}) as srv:
+        yield srv, weights, tmp_path / "cache"
 
 
 def test_list_published_weights(capsys, tmp_path):
@@ -101,6 +85,22 @@ def test_info_published_and_architecture(capsys):
     assert "vit_reg4_l14_nps_ls_dino-v2-lvd142m" in out and "config.pos_embed_special_tokens  False" in out
     assert main(["models", "info", "hieradet_smal"]) == 1
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_info_checkpoint_file(capsys, checkpoint_bytes, tmp_path):
+    """A path is described like load_pretrained_model reads it: the architecture, size, overrides and checksum."""
+    path = tmp_path / "mine.pt"
+    path.write_bytes(checkpoint_bytes)
+    assert main(["models", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture      vit_t16" in out and "32x32" in out and "{'num_layers': 1}" in out
+    assert hashlib.sha256(checkpoint_bytes).hexdigest() in out and "not a published file" in out
+
+
+def test_info_suggests_among_weights_and_architectures(capsys):
+    """One resolver for every entry point: a near-miss of a published name is suggested, not only architectures."""
+    assert main(["models", "info", "hieradet_small_sam2"]) == 1
+    assert "did you mean 'hieradet_small_sam2_1'" in capsys.readouterr().err
 
 
 def test_download_list_and_verify(served, capsys):

@@ -3,107 +3,26 @@ mirrored; and the rule that by-name loading only accepts files whose sha256 is i
 
 from __future__ import annotations
 
-import io
 import multiprocessing
-import threading
+import os
+import socket
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from support.hub import WeightsServer, running_server, weights_entry
 
 import ornis
 from ornis.errors import ChecksumError, WeightsNotFoundError
+from ornis.utils.progress import progress_enabled
 from ornis.weights import cache, download, manifest
 from ornis.weights.checkpoint import sha256_file
-from ornis.weights.manifest import PretrainedWeights, WeightsFile
+from ornis.weights.manifest import WeightsFile
 
 NAME = "vit_reg4_t16_ls_test-weights"
 NETWORK = "vit_reg4_t16_ls"
 SMALL = {"num_layers": 2}  # a ~4 MB checkpoint: many chunks, quick to serve
-
-
-class WeightsServer(ThreadingHTTPServer):
-    """Serves ``files`` (URL path -> bytes) with Range support; can cut the connection after ``cut_after`` bytes
-    (once), ignore Range headers, corrupt the body, and slow down; counts bytes sent and records requests."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.cut_after: int | None = None
-        self.ignore_range = False
-        self.corrupt = False
-        self.delay_per_chunk = 0.0
-        self.stall_once = 0.0  # seconds to go silent after the first chunk, once (a stalled connection)
-        self.bytes_sent = 0
-        self.requests: list[tuple[str, str | None]] = []
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: WeightsServer
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        srv = self.server
-        rng = self.headers.get("Range")
-        with srv.lock:
-            srv.requests.append((self.path, rng))
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        if srv.corrupt:
-            data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
-        start = 0
-        if rng and not srv.ignore_range:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        limit = len(body)
-        with srv.lock:
-            if srv.cut_after is not None:
-                limit, srv.cut_after = min(limit, srv.cut_after), None
-        sent = 0
-        try:
-            while sent < limit:
-                chunk = body[sent : min(sent + 65536, limit)]
-                self.wfile.write(chunk)
-                sent += len(chunk)
-                with srv.lock:
-                    srv.bytes_sent += len(chunk)
-                if srv.delay_per_chunk:
-                    time.sleep(srv.delay_per_chunk)
-                with srv.lock:
-                    stall, srv.stall_once = srv.stall_once, 0.0
-                if stall:
-                    time.sleep(stall)
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        if limit < len(body):
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(2)
 
 
 @pytest.fixture(scope="module")
@@ -117,32 +36,16 @@ def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 @pytest.fixture()
 def server(checkpoint_bytes: bytes):
-    srv = WeightsServer()
-    srv.files[f"/primary/{NAME}.pt"] = checkpoint_bytes
-    srv.files[f"/mirror/{NAME}/{NAME}.pt"] = checkpoint_bytes
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running_server(
+        {f"/primary/{NAME}.pt": checkpoint_bytes, f"/mirror/{NAME}/{NAME}.pt": checkpoint_bytes}
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture()
 def entry(server: WeightsServer, checkpoint_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A manifest entry for the test checkpoint, served by ``server``; a fresh cache; network allowed."""
-    import hashlib
-
-    weights = PretrainedWeights(
-        name=NAME,
-        network=NETWORK,
-        tag="test-weights",
-        resolution=(32, 32),
-        task="image_classification",
-        description="random weights for tests",
-        files=(WeightsFile("pt", len(checkpoint_bytes) / 1e6, hashlib.sha256(checkpoint_bytes).hexdigest()),),
-        num_classes=3,
-        base_url=f"{server.url}/primary",
-    )
+    weights = weights_entry(NAME, NETWORK, checkpoint_bytes, num_classes=3, base_url=f"{server.url}/primary")
     monkeypatch.setitem(manifest.MANIFEST, NAME, weights)
     monkeypatch.setenv("ORNIS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ORNIS_OFFLINE", "0")
@@ -257,8 +160,6 @@ def test_offline_error_says_what_to_put_where(entry, server, tmp_path, monkeypat
 
 
 def test_unreachable_server_retries_then_explains(entry, tmp_path, monkeypatch):
-    import socket
-
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -304,22 +205,23 @@ def test_verified_marker_skips_rehash_until_file_changes(entry, server, monkeypa
     cache.resolve_weights(NAME)
     assert calls == []
     path.touch()  # mtime changes: the marker no longer vouches for the file
-    import os
-
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     cache.resolve_weights(NAME)
     assert calls == [path]
 
 
-def test_progress_bar_on_stderr_when_asked():
-    stream = io.StringIO()
-    bar = download.ProgressBar("w.pt", total=2_000_000, stream=stream)
-    bar.update(1_000_000)
-    bar.close()
-    text = stream.getvalue()
-    assert "w.pt" in text and " 50%" in text and "2.0 MB" in text
-    assert download.progress_enabled(False) is False
+def test_progress_bar_on_stderr_when_asked(entry, server, checkpoint_bytes, capsys):
+    cache.resolve_weights(NAME, progress=True)
+    err = capsys.readouterr().err
+    mib = len(checkpoint_bytes) / 2**20  # tqdm scales bytes by 1024
+    assert f"{NAME}.pt" in err and "100%" in err and f"{mib:.2f}M/{mib:.2f}M" in err
+    assert progress_enabled(False) is False
+
+
+def test_no_progress_bar_when_not_asked(entry, server, capsys):
+    cache.resolve_weights(NAME, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_stale_partial_file_is_discarded_after_a_bad_resume(entry, server, checkpoint_bytes, tmp_path):

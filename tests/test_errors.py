@@ -108,7 +108,9 @@ def test_zip_that_is_not_a_checkpoint(tmp_path) -> None:
 def test_dict_without_the_published_keys(tmp_path) -> None:
     path = tmp_path / "bare_state.pt"
     torch.save({"model": {"w": torch.zeros(2)}}, path)
-    with pytest.raises(CheckpointFormatError, match=r"missing state, task, signature, class_to_idx, rgb_stats \(found model\)"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"missing state, task, signature, class_to_idx, rgb_stats \(found model\)"
+    ):
         ornis.load_pretrained_model(path)
 
 
@@ -153,7 +155,9 @@ def test_missing_published_file_says_where_to_put_it(tmp_path, monkeypatch) -> N
         ornis.load_pretrained_model("hieradet_d_small_dino-v2")
     msg = str(e.value)
     assert str(tmp_path / "weights" / "hieradet_d_small_dino-v2.pt") in msg
-    assert "https://huggingface.co/birder-project/hieradet_d_small_dino-v2/resolve/main/hieradet_d_small_dino-v2.pt" in msg
+    assert (
+        "https://huggingface.co/birder-project/hieradet_d_small_dino-v2/resolve/main/hieradet_d_small_dino-v2.pt" in msg
+    )
 
 
 def test_input_not_a_multiple_of_the_patch_size() -> None:

@@ -17,7 +17,7 @@ from conftest import scale_err
 
 import ornis
 from ornis.errors import CheckpointFormatError, ExportCheckError, ExportError
-from ornis.export import export_model, load_exported, read_export_metadata
+from ornis.export import ExportedModel, check, export_model, load_exported, read_export_metadata
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(
@@ -144,6 +144,7 @@ def test_torchscript_keeps_the_card_api(tmp_path: Path) -> None:
     path = tmp_path / "vit.pts"
     export_model(net, path, output="logits")
     module, info = ornis.load_pretrained_model(path, inference=True)  # format from the suffix
+    assert isinstance(module, ExportedModel) and not isinstance(module, ornis.Encoder)
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         emb = module.embedding(x)
@@ -222,22 +223,47 @@ def test_refused_requests(tmp_path: Path) -> None:
 
 
 def test_failed_check_deletes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An exporter that gets the numbers wrong: the check catches it, the file is deleted, the error says by how much."""
-    from ornis import export
-
-    real_runner = export._exported_runner
+    """An exporter that gets the numbers wrong: the check catches it, the file is deleted, the error says by how
+    much."""
+    real_runner = check.exported_runner
 
     def off_by_a_bit(path, fmt, device):
         run = real_runner(path, fmt, device)
         return lambda x: [t + 1e-2 for t in run(x)]
 
-    monkeypatch.setattr(export, "_exported_runner", off_by_a_bit)
+    monkeypatch.setattr(check, "exported_runner", off_by_a_bit)
     net = small_model("vit")
     with pytest.raises(
         ExportCheckError, match=r"differs from the eager model by .* above the tolerance 0.0001; the file was deleted"
     ):
         export_model(net, tmp_path / "m.pts", output="embedding")
     assert leftovers(tmp_path) == []
+
+
+def test_pt2_keeps_its_one_method_under_the_card_api_name(tmp_path: Path) -> None:
+    """A .pt2 program has forward only: reachable as embedding when it computes the embedding; other methods say
+    what the file computes instead of failing with an AttributeError."""
+    net = small_model("vit")
+    path = tmp_path / "vit.pt2"
+    export_model(net, path, output="embedding")
+    module, info = ornis.load_exported(path, inference=True)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert scale_err(module.embedding(x), net.embedding(x)) < TOL
+    with pytest.raises(ExportError, match=r"computes 'embedding' only"):
+        module.classify(torch.randn(2, net.embedding_size))
+    assert info.custom_config["export"]["format"] == "pt2" and not module.training
+
+
+def test_exported_file_mode_follows_the_umask(tmp_path: Path) -> None:
+    """Written through a temporary file like every other ornis file: the mode is the umask's (0644 under 022), not
+    mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        export_model(small_model("vit"), tmp_path / "vit.pts", output="embedding")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "vit.pts").stat().st_mode & 0o777 == 0o644
 
 
 def test_load_exported_rejects_other_files(tmp_path: Path) -> None:
@@ -255,7 +281,7 @@ def test_cli_export_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     net = small_model("vit")
     ckpt = ornis.save_model(net, tmp_path / "vit_reg4_t16_mine.pt", class_to_idx=CLASSES, config=FAMILIES["vit"][1])
     out = tmp_path / "out" / "vit.pt2"
-    code = main(["export", str(ckpt), "-o", str(out), "--output", "logits", "--batch", "2"])
+    code = main(["export", str(ckpt), "-o", str(out), "--returns", "logits", "--batch", "2"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "worst difference" in printed and "2x3x64x64" in printed
@@ -266,3 +292,7 @@ def test_cli_export_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 1
     assert "dynamic input size" in capsys.readouterr().err
     assert not (tmp_path / "vit.pts").exists()
+
+    # The old spelling of the output file still works
+    code = main(["export", str(ckpt), "--output-file", str(tmp_path / "vit.pts"), "--batch", "1"])
+    assert code == 0 and (tmp_path / "vit.pts").is_file()

@@ -9,6 +9,9 @@ The model-card API::
     size = ornis.get_size_from_signature(model_info.signature)
     transform = ornis.classification_transform(size, model_info.rgb_stats)
     out, embedding = infer_image(net, "bird.jpeg", transform, return_embedding=True)
+
+``load_pretrained_model`` also opens exported ``.pts`` / ``.pt2`` files (as ``ExportedModel``); importing
+``ornis.export`` here registers that reader, so it is in place whichever ornis module is imported first.
 """
 
 from ornis._version import __version__
@@ -21,6 +24,7 @@ from ornis.errors import (
     UnknownModelError,
     WeightsNotFoundError,
 )
+from ornis.export import ExportedModel, load_exported
 from ornis.loading import ModelInfo, load_pretrained_model
 from ornis.models import Encoder, Features, build_model, list_models
 from ornis.weights.checkpoint import get_size_from_signature, read_checkpoint, save_model
@@ -30,6 +34,7 @@ __all__ = [
     "CheckpointFormatError",
     "ChecksumError",
     "Encoder",
+    "ExportedModel",
     "Features",
     "ModelInfo",
     "OrnisError",
@@ -42,6 +47,7 @@ __all__ = [
     "get_size_from_signature",
     "list_models",
     "list_pretrained_models",
+    "load_exported",
     "load_pretrained_model",
     "read_checkpoint",
     "save_model",

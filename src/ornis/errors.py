@@ -18,7 +18,9 @@ class UnknownModelError(OrnisError, KeyError):
         self.name = name
         self.suggestions = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(s) for s in self.suggestions)}?" if self.suggestions else ""
-        super().__init__(f"unknown {what} {name!r}{hint} (ornis.list_models() and ornis.list_pretrained_models() list them)")
+        super().__init__(
+            f"unknown {what} {name!r}{hint} (ornis.list_models() and ornis.list_pretrained_models() list them)"
+        )
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])

@@ -1,22 +1,36 @@
-"""``load_pretrained_model``: a published name or a local file in, a ready encoder and its metadata out."""
+"""``load_pretrained_model``: a published name or a local file in, a ready encoder and its metadata out.
+
+What a name means is decided in one place, ``resolve_model_name``: a path (or a name that looks like one) is a file,
+a manifest name is published weights, a registry name is an architecture without weights, and anything else is an
+``UnknownModelError`` suggesting names from both sets. ``load_pretrained_model``, ``ornis models info`` and the
+batch runner all ask it, so they agree.
+
+Exported files (``.pts``, ``.pt2``) are read by ``ornis.export``, which sits above this module in the layer order
+(models <- weights <- loading <- export): it registers its reader here with ``register_export_reader`` when it is
+imported (``import ornis`` does), so this module never imports it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
+from torch import nn
 
 from ornis.errors import CheckpointFormatError, OrnisError, StateDictMismatchError, UnknownModelError
 from ornis.models import registry
 from ornis.models.base import Encoder
-from ornis.weights.checkpoint import Checkpoint, load_state, read_checkpoint
-from ornis.weights.manifest import MANIFEST
+from ornis.weights.cache import resolve_weights
+from ornis.weights.checkpoint import Checkpoint, LoadReport, load_state, read_checkpoint
+from ornis.weights.manifest import DEFAULT_FILE_FORMAT, MANIFEST, PretrainedWeights
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".st")
-EXPORT_FORMATS = ("pts", "pt2")
+EXPORT_FORMATS = ("pts", "pt2")  # exported files load_pretrained_model opens (ONNX runs with onnxruntime)
 
 
 class ModelInfo(NamedTuple):
@@ -30,14 +44,98 @@ class ModelInfo(NamedTuple):
     path: Path | None = None
 
 
+# -- what a name means -------------------------------------------------------------------------------------------
 def is_checkpoint_path(name: str | os.PathLike) -> bool:
     """True when ``name`` names a file (a path object, a path with a separator, a checkpoint or export suffix, or an
     existing file) rather than a published model name."""
     if isinstance(name, os.PathLike):
         return True
-    return os.sep in name or name.endswith(CHECKPOINT_SUFFIXES + tuple(f".{f}" for f in EXPORT_FORMATS)) or os.path.exists(name)
+    suffixes = CHECKPOINT_SUFFIXES + tuple(f".{f}" for f in EXPORT_FORMATS)
+    return os.sep in name or name.endswith(suffixes) or os.path.exists(name)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model name stands for: a local ``file``, published ``weights``, or a bare ``architecture``."""
+
+    name: str
+    kind: Literal["file", "weights", "architecture"]
+    path: Path | None = None  # kind "file"
+    weights: PretrainedWeights | None = None  # kind "weights"
+    network: str | None = None  # the architecture, where the name alone says it
+
+
+def resolve_model_name(name: str | os.PathLike) -> ModelSource:
+    """What ``name`` means, the rule every entry point follows: a path is a file (present or not), a manifest name
+    is published weights, a registry name is an architecture; otherwise ``UnknownModelError`` suggesting the
+    closest names among both published weights and architectures."""
+    if is_checkpoint_path(name):
+        return ModelSource(os.fspath(name), "file", path=Path(name))
+    name = str(name)
+    if name in MANIFEST:
+        return ModelSource(name, "weights", weights=MANIFEST[name], network=MANIFEST[name].network)
+    if name in registry.list_models():
+        return ModelSource(name, "architecture", network=name)
+    raise UnknownModelError(name, set(MANIFEST) | set(registry.list_models()), what="model")
+
+
+def model_file(
+    source: ModelSource,
+    file_format: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    base_url: str | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """The local file ``source`` loads from: the file itself, or published weights' verified file (fetched into the
+    cache when missing). An architecture has none: OrnisError saying how to get a model of it."""
+    if source.kind == "file":
+        assert source.path is not None
+        return source.path
+    if source.kind == "architecture":
+        raise OrnisError(
+            f"{source.name!r} is an architecture without published weights: ornis.build_model({source.name!r}) "
+            "gives it random weights, or pass the path of a checkpoint"
+        )
+    if file_format in EXPORT_FORMATS:
+        raise OrnisError(
+            f"{source.name}: exported {file_format} files are not published; export one with `ornis export`"
+        )
+    return resolve_weights(
+        source.name,
+        file_format or DEFAULT_FILE_FORMAT,
+        cache=cache_dir,
+        offline=offline,
+        base_url=base_url,
+        progress=progress,
+    )
+
+
+# -- exported files ----------------------------------------------------------------------------------------------
+ExportReader = Callable[..., tuple[nn.Module, ModelInfo]]
+"""``reader(path, *, device, dtype, inference) -> (module, ModelInfo)`` for one export format."""
+
+_EXPORT_READERS: dict[str, ExportReader] = {}
+
+
+def register_export_reader(file_format: str, reader: ExportReader) -> None:
+    """Let ``load_pretrained_model`` open exported files of ``file_format`` (one of ``EXPORT_FORMATS``) with
+    ``reader``; ``ornis.export`` registers its own when imported."""
+    if file_format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {file_format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    _EXPORT_READERS[file_format] = reader
+
+
+def _export_format(path: Path, file_format: str | None) -> str | None:
+    """The export format ``path`` is to be read as (from ``file_format`` or its suffix), or None for a checkpoint."""
+    if file_format in EXPORT_FORMATS:
+        return file_format
+    suffix = path.suffix.lstrip(".")
+    return suffix if suffix in EXPORT_FORMATS else None
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
 def identify_network(ckpt: Checkpoint, path: Path | None, network: str | None = None) -> str:
     """The registry architecture a checkpoint is for: the caller's word, the file's own ``network`` entry, its file
     name (``<network>_<tag>.pt``, the reference's naming), or failing those its tensor shapes."""
@@ -75,6 +173,7 @@ def _same_computation(names: list[str]) -> bool:
 
 
 def _match_by_shapes(ckpt: Checkpoint) -> list[str]:
+    """The architectures whose state dict has exactly the checkpoint's keys and shapes (built on the meta device)."""
     shapes = {k: tuple(v.shape) for k, v in ckpt.state.items()}
     found = []
     for name in sorted(registry.list_models(), key=lambda n: (n.startswith("flexi"), n)):
@@ -97,9 +196,9 @@ def model_from_checkpoint(
     path: Path | None = None,
     config: dict[str, Any] | None = None,
     strict: bool = True,
-) -> tuple[Encoder, tuple[list[str], list[str]]]:
-    """Build the checkpoint's architecture and load its weights. Returns the model and (missing, unexpected) keys,
-    both empty unless ``strict=False``."""
+) -> tuple[Encoder, LoadReport]:
+    """Build the checkpoint's architecture and load its weights. Returns the model and the keys a non-strict load
+    left out (none unless ``strict=False``)."""
     name = identify_network(ckpt, path, network)
     spec = registry.get_model_spec(name)
     overrides = {**(ckpt.config or {}), **(config or {})}
@@ -139,8 +238,11 @@ def load_pretrained_model(
     offline: bool | None = None,
     base_url: str | None = None,
     progress_bar: bool | None = None,
-) -> tuple[Encoder, ModelInfo]:
+) -> tuple[Encoder | nn.Module, ModelInfo]:
     """Load published weights by name (fetched into the cache if missing) or a local checkpoint file.
+
+    Returns ``(model, model_info)``: the model is an ``Encoder``, except for an exported ``.pts`` / ``.pt2`` file,
+    which gives an ``ornis.export.ExportedModel`` (the fixed graph and the card API's methods it has).
 
     weights
         A name from ``ornis.list_pretrained_models()``, or a path to a ``.pt`` / ``.safetensors`` checkpoint in the
@@ -160,44 +262,42 @@ def load_pretrained_model(
         Where the file is, or goes (``dst`` a file, ``cache_dir`` the cache folder), no network, a mirror, a
         download progress bar (default: on when stderr is a terminal).
     """
-    if isinstance(new_size, int):
-        new_size = (new_size, new_size)
-    path: Path
     if dst is not None and Path(dst).is_file():
-        path = Path(dst)
-    elif is_checkpoint_path(weights):
-        path = Path(weights)
-    elif str(weights) in MANIFEST:
-        if network is None:
-            network = MANIFEST[str(weights)].network
-        if file_format in EXPORT_FORMATS:
-            raise OrnisError(f"{weights}: exported {file_format} files are not published; export one with `ornis export`")
-        from ornis.weights.cache import resolve_weights
-
-        path = resolve_weights(
-            str(weights), file_format or "pt", cache=cache_dir, offline=offline, base_url=base_url, progress=progress_bar
-        )
-    elif str(weights) in registry.list_models():
-        raise OrnisError(
-            f"{weights!r} is an architecture without published weights: ornis.build_model({str(weights)!r}) gives it "
-            "random weights, or pass the path of a checkpoint"
-        )
+        source = ModelSource(os.fspath(dst), "file", path=Path(dst))
     else:
-        raise UnknownModelError(str(weights), set(MANIFEST) | set(registry.list_models()), what="model")
-
-    if file_format in EXPORT_FORMATS or path.suffix in (".pts", ".pt2"):
+        source = resolve_model_name(weights)
+    path = model_file(
+        source, file_format, cache_dir=cache_dir, offline=offline, base_url=base_url, progress=progress_bar
+    )
+    if (export_format := _export_format(path, file_format)) is not None:
         if new_size is not None:
             raise ValueError("new_size cannot be used with exported (pts / pt2) models: their size is fixed at export")
-        from ornis.export import load_exported
-
-        return load_exported(path, device=device, dtype=dtype, inference=inference)
+        if export_format not in _EXPORT_READERS:
+            raise OrnisError(f"{path}: no reader for {export_format} files is registered (import ornis.export)")
+        return _EXPORT_READERS[export_format](path, device=device, dtype=dtype, inference=inference)
 
     ckpt = read_checkpoint(path)
-    net, (missing, unexpected) = model_from_checkpoint(
-        ckpt, network=network, path=path, config=custom_config, strict=strict
+    net, report = model_from_checkpoint(
+        ckpt, network=network or source.network, path=path, config=custom_config, strict=strict
     )
+    _prepare(net, new_size=new_size, device=device, dtype=dtype, inference=inference)
+    custom = dict(ckpt.config) if ckpt.config else None
+    if report.missing or report.unexpected:
+        custom = {**(custom or {}), "load_report": report._asdict()}
+    return net, ModelInfo(ckpt.class_to_idx, ckpt.signature, ckpt.rgb_stats, custom, net.name, path)
+
+
+def _prepare(
+    net: Encoder,
+    *,
+    new_size: int | tuple[int, int] | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    inference: bool,
+) -> None:
+    """Re-base on ``new_size``, move, cast and (``inference``) freeze a loaded encoder, in place."""
     if new_size is not None:
-        net.adjust_size(tuple(new_size))
+        net.adjust_size((new_size, new_size) if isinstance(new_size, int) else tuple(new_size))
     if device is not None:
         net.to(device)
     if dtype is not None:
@@ -205,7 +305,3 @@ def load_pretrained_model(
     if inference:
         net.eval()
         net.requires_grad_(False)
-    custom = dict(ckpt.config) if ckpt.config else None
-    if missing or unexpected:
-        custom = {**(custom or {}), "load_report": {"missing": missing, "unexpected": unexpected}}
-    return net, ModelInfo(ckpt.class_to_idx, ckpt.signature, ckpt.rgb_stats, custom, net.name, path)

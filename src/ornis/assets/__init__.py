@@ -3,44 +3,56 @@ network can still do real work (``ornis demo``).
 
 ``ornis_shapes_vit_tiny`` is a 4-block, width-128, patch-8 ViT at 48 px input (the ``vit_t16`` architecture with
 config overrides recorded in the file), trained from scratch by ``scripts/train_tiny_model.py`` with ornis's supervised
-recipe on procedurally generated shapes and textures (``ornis.eval.synthetic``). It is registered in the weights
-manifest like the published models, and ``resolve_weights`` finds it here instead of in the cache.
+recipe on procedurally generated shapes and textures (``ornis.eval.synthetic``). Its facts (architecture, classes,
+size, sha256) are data, in ``manifest.json`` beside it, which the script rewrites when it installs a new model. The
+weights manifest (``ornis.weights.manifest``) registers it like the published models, and ``resolve_weights`` finds it
+here instead of in the cache. This module imports nothing from the rest of ornis.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent
 SAMPLES_DIR = ASSETS_DIR / "samples"
-
-DEMO_MODEL = "ornis_shapes_vit_tiny"
-DEMO_MODEL_FILE = ASSETS_DIR / f"{DEMO_MODEL}.pt"
-# Written by `python scripts/train_tiny_model.py --install`
-DEMO_MODEL_SHA256 = "c8362e77f438b8a04bfd2ae1880765b63ec8a61fa99bd9c50bc6f417023d6ef1"
-DEMO_MODEL_SIZE_MB = 3.32
+MANIFEST_FILE = ASSETS_DIR / "manifest.json"
 
 
-def register_shipped_weights() -> None:
-    """Add the shipped model to the weights manifest (called once, when the manifest module is imported)."""
-    from ornis.weights.manifest import MANIFEST, PretrainedWeights, WeightsFile, register_weights
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model file inside the package, as ``manifest.json`` describes it."""
 
-    if DEMO_MODEL in MANIFEST:
-        return
-    register_weights(
-        PretrainedWeights(
-            name=DEMO_MODEL,
-            network="vit_t16",
-            tag="shapes",
-            resolution=(48, 48),
-            task="image_classification",
-            description="A tiny ViT (0.8 M parameters) trained by ornis on generated shapes and textures (8 classes); "
-            "ships inside the package for offline use and tests",
-            files=(WeightsFile("pt", DEMO_MODEL_SIZE_MB, DEMO_MODEL_SHA256),),
-            num_classes=8,
-            extra={"local_path": str(DEMO_MODEL_FILE)},
-        )
-    )
+    name: str
+    network: str  # registry architecture name
+    tag: str
+    resolution: tuple[int, int]
+    task: str
+    num_classes: int
+    description: str
+    file: str  # file name in ASSETS_DIR
+    format: str  # "pt" or "safetensors"
+    size_mb: float
+    sha256: str
+
+    @property
+    def path(self) -> Path:
+        """Where the file is."""
+        return ASSETS_DIR / self.file
+
+
+def read_shipped_model(path: Path = MANIFEST_FILE) -> ShippedModel:
+    """The shipped model's record from ``manifest.json``."""
+    data = json.loads(path.read_text())
+    return ShippedModel(**{**data, "resolution": tuple(data["resolution"])})
+
+
+SHIPPED_MODEL = read_shipped_model()
+DEMO_MODEL = SHIPPED_MODEL.name
+DEMO_MODEL_FILE = SHIPPED_MODEL.path
+DEMO_MODEL_SHA256 = SHIPPED_MODEL.sha256
+DEMO_MODEL_SIZE_MB = SHIPPED_MODEL.size_mb
 
 
 def sample_images() -> list[Path]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ornis.export import DEFAULT_TOLERANCE, FORMATS, OUTPUTS, export_model
+from ornis.cli.common import add_output_argument
+from ornis.export import DEFAULT_CHECK_BATCH, DEFAULT_OUTPUT, DEFAULT_TOLERANCE, FORMATS, OUTPUTS, export_model
+from ornis.loading import load_pretrained_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` command."""
     parser = subparsers.add_parser(
         "export",
         help="export a model to TorchScript, torch.export (.pt2) or ONNX, checked against the eager model",
@@ -18,19 +21,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="published weights name or checkpoint path")
-    parser.add_argument("-o", "--output-file", required=True, metavar="FILE", help="where to write the export")
+    add_output_argument(parser, "where to write the export", metavar="FILE", aliases=("--output-file",))
     parser.add_argument("--format", choices=FORMATS, help="default: from the suffix of FILE")
     parser.add_argument(
-        "--output", default="embedding", choices=OUTPUTS, help="what the graph returns (default: embedding)"
+        "--returns",
+        default=DEFAULT_OUTPUT,
+        choices=OUTPUTS,
+        help=f"what the graph returns (default: {DEFAULT_OUTPUT})",
     )
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
     parser.add_argument("--dynamic-size", action="store_true", help="accept any input size (pt2, onnx; ViT family)")
     parser.add_argument("--patch-size", type=int, help="FlexiViT: the patch size baked into the export")
     parser.add_argument(
-        "--batch", type=int, default=3, metavar="N", help="batch size of the random check batch (default: 3)"
+        "--batch",
+        type=int,
+        default=DEFAULT_CHECK_BATCH,
+        metavar="N",
+        help=f"batch size of the random check batch (default: {DEFAULT_CHECK_BATCH})",
     )
     parser.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest accepted relative difference"
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest accepted relative difference (default: {DEFAULT_TOLERANCE:g})",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--network", help="architecture of a checkpoint file that does not say it")
@@ -39,14 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ornis.loading import load_pretrained_model
-
+    """Load the model, export it, and print the check's summary."""
     net, info = load_pretrained_model(args.model, inference=True, device=args.device, network=args.network)
     report = export_model(
         net,
-        args.output_file,
+        args.output,
         format=args.format,
-        output=args.output,
+        output=args.returns,
         size=tuple(args.size) if args.size else None,
         dynamic_size=args.dynamic_size,
         patch_size=args.patch_size,

@@ -5,15 +5,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
+from ornis.loading import identify_network, resolve_model_name
 from ornis.models import registry
 from ornis.weights import cache
-from ornis.weights.manifest import MANIFEST, get_weights, list_pretrained_models
+from ornis.weights.checkpoint import read_checkpoint, sha256_file
+from ornis.weights.manifest import (
+    DEFAULT_FILE_FORMAT,
+    FILE_FORMATS,
+    MANIFEST,
+    PretrainedWeights,
+    find_by_sha256,
+    get_weights,
+    list_pretrained_models,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``models`` command and its actions."""
     parser = subparsers.add_parser("models", help="list, describe, download and verify models")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -23,14 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ls.add_argument("--cache", help="cache folder (default: $ORNIS_CACHE or ~/.cache/ornis)")
     ls.set_defaults(func=run_list)
 
-    info = sub.add_parser("info", help="everything known about published weights or an architecture")
-    info.add_argument("name")
+    info = sub.add_parser("info", help="everything known about published weights, an architecture or a checkpoint")
+    info.add_argument("name", help="published weights name, architecture name or checkpoint path")
     info.add_argument("--cache", help="cache folder")
     info.set_defaults(func=run_info)
 
     dl = sub.add_parser("download", help="fetch published weights into the cache (resumable, sha256-verified)")
     dl.add_argument("names", nargs="+", metavar="NAME")
-    dl.add_argument("--format", default="pt", choices=("pt", "safetensors"), help="file format (default: pt)")
+    dl.add_argument(
+        "--format",
+        default=DEFAULT_FILE_FORMAT,
+        choices=FILE_FORMATS,
+        help=f"file format (default: {DEFAULT_FILE_FORMAT})",
+    )
     dl.add_argument("--cache", help="cache folder")
     dl.add_argument("--base-url", help="mirror to fetch from ({name} is filled in); default $ORNIS_BASE_URL")
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,6 +75,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    """Print a table of published weights (or architectures) matching the pattern."""
     if args.architectures:
         rows = [["architecture", "family", "default size"]]
         for name in registry.list_models(args.pattern):
@@ -78,42 +96,74 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    if args.name in MANIFEST:
-        w = get_weights(args.name)
-        lines = [
-            ("name", w.name),
-            ("architecture", w.network),
-            ("tag", w.tag),
-            ("task", w.task),
-            ("resolution", f"{w.resolution[0]}x{w.resolution[1]}"),
-            ("classes", str(w.num_classes)),
-            ("parameters (M)", f"{count_parameters(w.network, w.num_classes, w.resolution) / 1e6:.1f}"),
-            ("description", w.description),
-        ]
-        for f in w.files:
-            path = cache.local_file(w, f.format, args.cache)
-            lines += [
-                (f"{f.format} url", w.url(f.format, cache.base_url_for(w))),
-                (f"{f.format} size (MB)", f"{f.size_mb:.1f}"),
-                (f"{f.format} sha256", f.sha256),
-                (f"{f.format} cache", f"{path} ({'present' if path.is_file() else 'not downloaded'})"),
-            ]
+    """Print what is known about a name, resolved as ``load_pretrained_model`` resolves it."""
+    source = resolve_model_name(args.name)  # UnknownModelError names close matches among weights and architectures
+    if source.kind == "weights":
+        assert source.weights is not None
+        lines = _weights_lines(source.weights, args.cache)
+    elif source.kind == "architecture":
+        lines = _architecture_lines(source.name)
     else:
-        spec = registry.get_model_spec(args.name)  # UnknownModelError names close matches
-        lines = [
-            ("architecture", spec.name),
-            ("family", spec.family),
-            ("default size", str(spec.default_size[0])),
-            ("parameters (M)", f"{count_parameters(spec.name) / 1e6:.1f} (without a classifier)"),
-            ("published weights", ", ".join(n for n, w in MANIFEST.items() if w.network == spec.name) or "none"),
-        ]
-        lines += [(f"config.{f.name}", str(getattr(spec.config, f.name))) for f in dataclasses.fields(spec.config)]
+        assert source.path is not None
+        lines = _file_lines(source.path)
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in lines))
     return 0
 
 
+def _weights_lines(w: PretrainedWeights, cache_folder: str | None) -> list[tuple[str, str]]:
+    lines = [
+        ("name", w.name),
+        ("architecture", w.network),
+        ("tag", w.tag),
+        ("task", w.task),
+        ("resolution", f"{w.resolution[0]}x{w.resolution[1]}"),
+        ("classes", str(w.num_classes)),
+        ("parameters (M)", f"{count_parameters(w.network, w.num_classes, w.resolution) / 1e6:.1f}"),
+        ("description", w.description),
+    ]
+    for f in w.files:
+        path = cache.local_file(w, f.format, cache_folder)
+        lines += [
+            (f"{f.format} url", w.url(f.format, cache.base_url_for(w))),
+            (f"{f.format} size (MB)", f"{f.size_mb:.1f}"),
+            (f"{f.format} sha256", f.sha256),
+            (f"{f.format} cache", f"{path} ({'present' if path.is_file() else 'not downloaded'})"),
+        ]
+    return lines
+
+
+def _architecture_lines(name: str) -> list[tuple[str, str]]:
+    spec = registry.get_model_spec(name)
+    lines = [
+        ("architecture", spec.name),
+        ("family", spec.family),
+        ("default size", str(spec.default_size[0])),
+        ("parameters (M)", f"{count_parameters(spec.name) / 1e6:.1f} (without a classifier)"),
+        ("published weights", ", ".join(n for n, w in MANIFEST.items() if w.network == spec.name) or "none"),
+    ]
+    return lines + [(f"config.{f.name}", str(getattr(spec.config, f.name))) for f in dataclasses.fields(spec.config)]
+
+
+def _file_lines(path: Path) -> list[tuple[str, str]]:
+    ckpt = read_checkpoint(path)
+    sha = sha256_file(path)
+    published = find_by_sha256(sha)
+    return [
+        ("file", str(path)),
+        ("architecture", identify_network(ckpt, path)),
+        ("task", ckpt.task),
+        ("resolution", f"{ckpt.size[0]}x{ckpt.size[1]}"),
+        ("classes", str(ckpt.num_classes)),
+        ("config overrides", str(ckpt.config or {})),
+        ("tensors", f"{len(ckpt.state)} ({sum(t.numel() for t in ckpt.state.values()) / 1e6:.1f} M values)"),
+        ("sha256", sha),
+        ("published as", published.name if published else "none (not a published file)"),
+    ]
+
+
 def run_download(args: argparse.Namespace) -> int:
+    """Fetch published weights into the cache, checking every name first."""
     for name in args.names:
         get_weights(name)  # fail on a typo before any download starts
     for name in args.names:
@@ -130,6 +180,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    """Re-hash cached files; exit code 1 when one is bad."""
     results = cache.verify_cached(args.names or None, cache=args.cache)
     if not results:
         print(f"no published weights in the cache ({cache.cache_dir(args.cache) / 'weights'})")

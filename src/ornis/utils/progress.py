@@ -24,6 +24,11 @@ def progress_bar(total: int | None, *, desc: str, unit: str = "it", enabled: boo
     options: dict[str, Any] = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
     options.update(kwargs)
     return tqdm(
-        total=total, desc=desc, unit=unit, disable=not progress_enabled(enabled), file=sys.stderr, dynamic_ncols=True,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not progress_enabled(enabled),
+        file=sys.stderr,
+        dynamic_ncols=True,
         **options,
     )

@@ -19,16 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ornis.errors import ChecksumError, WeightsNotFoundError
+from ornis.utils.locks import file_lock
 from ornis.weights import download
 from ornis.weights.checkpoint import sha256_file
-from ornis.weights.manifest import MANIFEST, PretrainedWeights, get_weights
+from ornis.weights.manifest import DEFAULT_FILE_FORMAT, MANIFEST, PretrainedWeights, get_weights
 
 
 def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to a true value (1, true, yes, on)."""
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``override``, else ``ORNIS_CACHE``, else ``$XDG_CACHE_HOME/ornis`` or ``~/.cache/ornis``."""
     if override:
         return Path(override).expanduser()
     if os.environ.get("ORNIS_CACHE"):
@@ -37,30 +40,44 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(base) / "ornis"
 
 
-def weights_path(weights: PretrainedWeights, file_format: str = "pt", cache: str | os.PathLike | None = None) -> Path:
+def weights_path(
+    weights: PretrainedWeights, file_format: str = DEFAULT_FILE_FORMAT, cache: str | os.PathLike | None = None
+) -> Path:
+    """Where the cache keeps the file (present or not)."""
     return cache_dir(cache) / "weights" / weights.file_name(file_format)
 
 
 def base_url_for(weights: PretrainedWeights, base_url: str | None = None) -> str | None:
+    """The mirror to fetch ``weights`` from (``base_url`` or ``ORNIS_BASE_URL``, ``{name}`` filled in); None for
+    the entry's own URL."""
     base = base_url or os.environ.get("ORNIS_BASE_URL")
     if not base:
         return None
     return base.replace("{name}", weights.name) if "{name}" in base else base
 
 
-def local_file(weights: PretrainedWeights, file_format: str = "pt", cache: str | os.PathLike | None = None) -> Path:
+def local_file(
+    weights: PretrainedWeights, file_format: str = DEFAULT_FILE_FORMAT, cache: str | os.PathLike | None = None
+) -> Path:
     """Where the file is or will be: inside the package for shipped weights, else in the cache."""
     shipped = weights.extra.get("local_path")
     return Path(shipped) if shipped else weights_path(weights, file_format, cache)
 
 
-def is_cached(weights: PretrainedWeights, file_format: str = "pt", cache: str | os.PathLike | None = None) -> bool:
+def is_cached(
+    weights: PretrainedWeights, file_format: str = DEFAULT_FILE_FORMAT, cache: str | os.PathLike | None = None
+) -> bool:
     """Whether the file is on disk (in the cache, or shipped; its checksum is checked when it is used)."""
     return local_file(weights, file_format, cache).is_file()
 
 
 def check_cached(
-    path: Path, weights: PretrainedWeights, file_format: str = "pt", *, rehash: bool = False, write: bool = True
+    path: Path,
+    weights: PretrainedWeights,
+    file_format: str = DEFAULT_FILE_FORMAT,
+    *,
+    rehash: bool = False,
+    write: bool = True,
 ) -> None:
     """Raise ChecksumError unless the cached ``path`` has the manifest's sha256 (trusting a still-valid verified
     marker unless ``rehash``; ``write=False`` leaves no marker, for files outside the cache)."""
@@ -82,7 +99,7 @@ def check_cached(
 
 def resolve_weights(
     name: str,
-    file_format: str = "pt",
+    file_format: str = DEFAULT_FILE_FORMAT,
     *,
     cache: str | os.PathLike | None = None,
     offline: bool | None = None,
@@ -115,7 +132,7 @@ def resolve_weights(
 
 def download_weights(
     name: str,
-    file_format: str = "pt",
+    file_format: str = DEFAULT_FILE_FORMAT,
     *,
     cache: str | os.PathLike | None = None,
     base_url: str | None = None,
@@ -127,7 +144,7 @@ def download_weights(
     weights = get_weights(name)
     path = weights_path(weights, file_format, cache)
     if force:
-        with download.file_lock(download.lock_path(path)):
+        with file_lock(download.lock_path(path)):
             path.unlink(missing_ok=True)
             download.marker_path(path).unlink(missing_ok=True)
     return resolve_weights(name, file_format, cache=cache, base_url=base_url, progress=progress)
@@ -135,6 +152,8 @@ def download_weights(
 
 @dataclass(frozen=True)
 class CachedFile:
+    """One cached file as ``verify_cached`` found it."""
+
     name: str
     file_format: str
     path: Path

@@ -18,13 +18,16 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ornis._version import __version__
 from ornis.errors import CheckpointFormatError, StateDictMismatchError, first_line
+from ornis.models import registry
 from ornis.utils.fs import atomic_path
 
 FORMAT_VERSION = "0.8.4"  # the reference version whose file layout we write; stored as "birder_version"
@@ -36,6 +39,8 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".st")
 
 @dataclass
 class Checkpoint:
+    """A checkpoint in the published format, in memory: the tensors and what the file says about them."""
+
     state: dict[str, torch.Tensor]
     signature: dict[str, Any]
     class_to_idx: dict[str, int]
@@ -47,10 +52,12 @@ class Checkpoint:
 
     @property
     def size(self) -> tuple[int, int]:
+        """The (H, W) input size the signature records."""
         return get_size_from_signature(self.signature)
 
     @property
     def num_classes(self) -> int:
+        """Classifier outputs (0: an encoder without a head)."""
         if "num_labels" in self.signature:
             return int(self.signature["num_labels"])
         return int(self.signature["outputs"][0]["data_shape"][1])
@@ -63,6 +70,7 @@ def get_size_from_signature(signature: dict[str, Any]) -> tuple[int, int]:
 
 
 def make_signature(size: tuple[int, int], num_outputs: int, channels: int = 3) -> dict[str, Any]:
+    """The reference's signature of a model: input (batch, channels, H, W) and output (batch, outputs), batch 0."""
     return {
         "inputs": [{"data_shape": [0, channels, int(size[0]), int(size[1])]}],
         "outputs": [{"data_shape": [0, int(num_outputs)]}],
@@ -105,13 +113,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             path, f"refused to unpickle: the file holds objects other than tensors and plain data ({first_line(e)})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointFormatError(path, f"cannot be read as a checkpoint, truncated or corrupt ({first_line(e)})") from None
+        raise CheckpointFormatError(
+            path, f"cannot be read as a checkpoint, truncated or corrupt ({first_line(e)})"
+        ) from None
     if not isinstance(obj, dict):
-        raise CheckpointFormatError(path, f"expected a dict with keys {', '.join(REQUIRED_KEYS)}, found a {type(obj).__name__}")
+        raise CheckpointFormatError(
+            path, f"expected a dict with keys {', '.join(REQUIRED_KEYS)}, found a {type(obj).__name__}"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointFormatError(
-            path, f"expected keys {', '.join(REQUIRED_KEYS)}; missing {', '.join(missing)} (found {', '.join(map(str, obj))})"
+            path,
+            f"expected keys {', '.join(REQUIRED_KEYS)}; missing {', '.join(missing)} "
+            f"(found {', '.join(map(str, obj))})",
         )
     known = set(REQUIRED_KEYS) | {"config", "network"}
     return Checkpoint(
@@ -127,17 +141,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointFormatError(path, f"cannot be read as safetensors, truncated or corrupt ({first_line(e)})") from None
+        raise CheckpointFormatError(
+            path, f"cannot be read as safetensors, truncated or corrupt ({first_line(e)})"
+        ) from None
     missing = [k for k in ("signature", "class_to_idx", "rgb_stats") if k not in meta]
     if missing:
-        raise CheckpointFormatError(path, f"safetensors metadata lacks {', '.join(missing)} (found {', '.join(meta) or 'none'})")
+        raise CheckpointFormatError(
+            path, f"safetensors metadata lacks {', '.join(missing)} (found {', '.join(meta) or 'none'})"
+        )
     try:
         return Checkpoint(
             state=state,
@@ -145,7 +161,7 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoin
             class_to_idx=json.loads(meta["class_to_idx"]),
             rgb_stats=json.loads(meta["rgb_stats"]),
             task=meta.get("task", "image_classification"),
-            config=json.loads(meta["config"]) if meta.get("config") else None,
+            config=_json_config(meta["config"]) if meta.get("config") else None,
             network=meta.get("network"),
             extra={k: v for k, v in meta.items() if k in ("birder_version", "ornis_version")},
         )
@@ -153,13 +169,21 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoin
         raise CheckpointFormatError(path, f"safetensors metadata is not valid JSON ({e})") from None
 
 
+def _json_config(text: str) -> dict[str, Any]:
+    """A config stored as JSON, with its lists back as tuples: JSON has none, and config dataclasses hold sequences
+    as tuples (as a ``.pt`` file keeps them), so both formats read back the same config."""
+
+    def tuples(value: Any) -> Any:
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    return {k: tuples(v) for k, v in json.loads(text).items()}
+
+
 def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     """Write ``ckpt`` in the published format (by suffix: ``.safetensors`` or ``.pt``), atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import save_file
-
             meta = {
                 "birder_version": FORMAT_VERSION,
                 "ornis_version": __version__,
@@ -193,13 +217,15 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
 def config_overrides(net: nn.Module) -> dict[str, Any] | None:
     """The fields of ``net.config`` that differ from its registered variant's (what a checkpoint must record for the
     file to rebuild the same architecture); None when there are none or ``net`` is not a registered variant."""
-    from ornis.models import registry
+    return config_changes(getattr(net, "name", None), getattr(net, "config", None))
 
-    name = getattr(net, "name", None)
-    config = getattr(net, "config", None)
-    if name not in registry.list_models() or not dataclasses.is_dataclass(config):
+
+def config_changes(network: str | None, config: Any) -> dict[str, Any] | None:
+    """The fields of ``config`` that differ from registered architecture ``network``'s config; None when there are
+    none, or ``network`` is not registered, or ``config`` is not a config dataclass."""
+    if network not in registry.list_models() or not dataclasses.is_dataclass(config):
         return None
-    registered = registry.get_model_spec(name).config
+    registered = registry.get_model_spec(network).config
     changed = {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
@@ -251,6 +277,13 @@ def save_model(
     return write_checkpoint(ckpt, path)
 
 
+class LoadReport(NamedTuple):
+    """The keys a non-strict load left out: the model's tensors the state lacked, and the state's the model has not."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+
 def load_state(
     net: nn.Module,
     state: dict[str, torch.Tensor],
@@ -258,9 +291,9 @@ def load_state(
     strict: bool = True,
     path: str | os.PathLike | None = None,
     assign: bool = False,
-) -> tuple[list[str], list[str]]:
+) -> LoadReport:
     """Load ``state`` into ``net``; a missing, unexpected or mis-shaped key raises StateDictMismatchError listing
-    them all. With ``strict=False`` the tensors that fit are loaded and (missing, unexpected) is returned.
+    them all. With ``strict=False`` the tensors that fit are loaded and the keys left out are returned.
     ``assign=True`` adopts the tensors instead of copying them (for a model built on the meta device); they are
     cast to the model's dtypes first, as a copy would."""
     own = net.state_dict()
@@ -279,10 +312,11 @@ def load_state(
             for k, v in state.items()
         }
     net.load_state_dict(state, strict=False, assign=assign)
-    return missing, unexpected
+    return LoadReport(missing, unexpected)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -3,28 +3,29 @@
 The bytes go to ``<file>.part`` beside their destination. An interrupted transfer keeps that file and the next
 attempt asks for the rest with ``Range: bytes=N-`` (a server that answers 200 instead of 206 is read from the start
 again). The sha256 is computed while the bytes arrive; only a file whose digest matches the manifest is renamed to
-its final name (``os.replace``, atomic on one file system), so a reader never sees a partial or wrong file. A
-``<file>.lock`` held with ``fcntl.flock`` makes a second process wait for the first and then use its result instead
-of downloading again. Only ``urllib.request`` is used: no extra dependency.
+its final name (``os.replace``, atomic on one file system), so a reader never sees a partial or wrong file. A lock
+(``ornis.utils.locks.file_lock``) on ``<folder>/../.locks/<file>.lock`` makes a second process wait for the first
+and then use its result instead of downloading again; the lock files live outside the weights folder, as
+huggingface_hub keeps its own, so that folder holds only weights and their verified markers. Only
+``urllib.request`` is used for the transfer: no extra dependency.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from ornis.errors import ChecksumError, WeightsNotFoundError
+from ornis.utils.fs import atomic_write_json
+from ornis.utils.locks import file_lock
+from ornis.utils.progress import progress_bar
 from ornis.weights.checkpoint import sha256_file
 from ornis.weights.manifest import WeightsFile
 
@@ -48,14 +49,18 @@ class _FinalError(Exception):
 
 
 def part_path(dst: Path) -> Path:
+    """Where the bytes of ``dst`` accumulate while they arrive."""
     return dst.with_name(dst.name + ".part")
 
 
 def lock_path(dst: Path) -> Path:
-    return dst.with_name(dst.name + ".lock")
+    """The lock that serialises downloads of ``dst``: in a ``.locks`` folder beside ``dst``'s folder (the cache
+    root, for cached weights)."""
+    return dst.parent.parent / ".locks" / f"{dst.name}.lock"
 
 
 def marker_path(dst: Path) -> Path:
+    """The small JSON file that records ``dst``'s verified digest."""
     return dst.with_name(dst.name + ".verified.json")
 
 
@@ -63,10 +68,9 @@ def marker_path(dst: Path) -> Path:
 def write_marker(path: Path, sha256: str) -> None:
     """Record that ``path``, at its current size and mtime, has digest ``sha256`` (so loads need not re-hash it)."""
     st = path.stat()
-    data = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    tmp = marker_path(path).with_name(marker_path(path).name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, marker_path(path))
+    atomic_write_json(
+        marker_path(path), {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=None
+    )
 
 
 def marker_matches(path: Path, sha256: str) -> bool:
@@ -84,88 +88,24 @@ def marker_matches(path: Path, sha256: str) -> bool:
     )
 
 
-# -- lock --------------------------------------------------------------------------------------------------------
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path``, removed again when released.
-
-    Removing a lock file is racy unless a waiter checks, once it holds the lock, that the name still points to the
-    file it locked; if the holder removed it meanwhile, the waiter starts over on a fresh file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        yield
-    finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # closing releases the flock
-
-
-# -- progress bar ------------------------------------------------------------------------------------------------
-class ProgressBar:
-    """A one-line progress bar on a stream (stderr), redrawn at most ten times a second."""
-
-    def __init__(self, label: str, total: int | None, start: int = 0, stream: IO[str] | None = None) -> None:
-        self.label = label
-        self.total = total
-        self.done = start
-        self.first = start
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self.last_draw = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last_draw >= 0.1:
-            self.last_draw = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        mb = self.done / 1e6
-        rate = (self.done - self.first) / 1e6 / max(now - self.t0, 1e-6)
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            text = f"{self.label} [{bar:<30}] {frac:4.0%} {mb:.1f}/{self.total / 1e6:.1f} MB {rate:.1f} MB/s"
-        else:
-            text = f"{self.label} {mb:.1f} MB {rate:.1f} MB/s"
-        self.stream.write("\r" + text)
-        self.stream.flush()
-
-    def close(self) -> None:
-        self._draw(time.monotonic())
-        self.stream.write("\n")
-        self.stream.flush()
-
-
-def progress_enabled(progress: bool | None) -> bool:
-    """``progress`` if given, else on when stderr is a terminal."""
-    if progress is not None:
-        return progress
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # -- download ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Transfer:
+    """One file's download: where from, where to, and how patiently."""
+
+    url: str
+    dst: Path
+    expected: WeightsFile
+    progress: bool | None
+    timeout: float
+    retries: int
+    backoff: float
+
+    @property
+    def part(self) -> Path:
+        return part_path(self.dst)
+
+
 def fetch(
     url: str,
     dst: Path,
@@ -180,36 +120,40 @@ def fetch(
 
     Raises ``WeightsNotFoundError`` when the file cannot be had (unreachable, 404, retries spent), naming the URL
     and where to put the file by hand, and ``ChecksumError`` when the bytes do not match ``expected.sha256`` (the
-    partial file is removed: nothing is left in the cache).
+    partial file is removed: nothing is left in the cache). ``progress``: a progress bar on stderr (default: when
+    stderr is a terminal).
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    job = _Transfer(
+        url,
+        dst,
+        expected,
+        progress,
+        TIMEOUT_S if timeout is None else timeout,
+        RETRIES if retries is None else retries,
+        BACKOFF_S if backoff is None else backoff,
+    )
     with file_lock(lock_path(dst)):
         # Another process may have finished the same file while this one waited for the lock
         if dst.is_file() and (marker_matches(dst, expected.sha256) or sha256_file(dst) == expected.sha256):
             if not marker_matches(dst, expected.sha256):
                 write_marker(dst, expected.sha256)
             return dst
-        settings = {
-            "show": progress_enabled(progress),
-            "timeout": TIMEOUT_S if timeout is None else timeout,
-            "retries": RETRIES if retries is None else retries,
-            "backoff": BACKOFF_S if backoff is None else backoff,
-            "dst": dst,
-        }
-        resumed = part_path(dst).is_file()
-        digest = _download(url, part_path(dst), expected, **settings)
+        resumed = job.part.is_file()
+        digest = _download(job)
         if digest != expected.sha256 and resumed:
             # The leftover partial file may come from another version of the file: one clean try from zero
-            part_path(dst).unlink(missing_ok=True)
-            digest = _download(url, part_path(dst), expected, **settings)
+            job.part.unlink(missing_ok=True)
+            digest = _download(job)
         if digest != expected.sha256:
-            part_path(dst).unlink(missing_ok=True)
+            job.part.unlink(missing_ok=True)
             raise ChecksumError(
                 f"{dst.name}: the bytes downloaded from {url} have sha256 {digest}, expected {expected.sha256}; "
                 "the file was discarded (a corrupt mirror or a changed upstream file?)"
             )
-        os.replace(part_path(dst), dst)
+        # The part file is complete and verified: renaming it (not atomic_path) keeps the resumable part protocol
+        os.replace(job.part, dst)
         write_marker(dst, digest)
     return dst
 
@@ -230,47 +174,43 @@ class _Digest:
         return self._h.hexdigest()
 
 
-def _download(
-    url: str, part: Path, expected: WeightsFile, *, show: bool, timeout: float, retries: int, backoff: float, dst: Path
-) -> str:
-    """Bring ``part`` to the complete file, resuming what is there; returns its sha256."""
+def _download(job: _Transfer) -> str:
+    """Bring the part file to the complete file, resuming what is there; returns its sha256."""
     failures = 0
-    last_error = ""
     while True:
         hasher = _Digest()
         offset = 0
-        if part.is_file():
+        if job.part.is_file():
             # Resume: the digest must cover the bytes already on disk
-            with open(part, "rb") as f:
+            with open(job.part, "rb") as f:
                 while block := f.read(CHUNK_BYTES):
                     hasher.update(block)
                     offset += len(block)
         try:
-            received = _transfer(url, part, offset, hasher, show=show, timeout=timeout)
-            return hasher.hexdigest() if received is not None else sha256_file(part)
+            received = _transfer(job, offset, hasher)
+            return hasher.hexdigest() if received is not None else sha256_file(job.part)
         except _FinalError as e:
-            raise WeightsNotFoundError(_unavailable(url, dst, expected, str(e))) from None
+            raise WeightsNotFoundError(_unavailable(job, str(e))) from None
         except _TransientError as e:
-            last_error = str(e)
-            progressed = part.is_file() and part.stat().st_size > offset
+            progressed = job.part.is_file() and job.part.stat().st_size > offset
             failures = 0 if progressed else failures + 1
-            if failures > retries:
+            if failures > job.retries:
                 raise WeightsNotFoundError(
-                    _unavailable(url, dst, expected, f"{last_error}; gave up after {retries + 1} attempts")
+                    _unavailable(job, f"{e}; gave up after {job.retries + 1} attempts")
                 ) from None
             if not progressed:
-                time.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF_S))
+                time.sleep(min(job.backoff * 2 ** (failures - 1), MAX_BACKOFF_S))
 
 
-def _transfer(url: str, part: Path, offset: int, hasher: _Digest, *, show: bool, timeout: float) -> int | None:
+def _transfer(job: _Transfer, offset: int, hasher: _Digest) -> int | None:
     """One HTTP request: append from ``offset`` (or start over). Returns bytes received, or None when the server
     says the range is already complete (the caller re-hashes the part file)."""
     headers = {"User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
+    request = urllib.request.Request(job.url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.urlopen(request, timeout=job.timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:
             # Range not satisfiable: the part file already holds the whole file (or more, which the hash will show)
@@ -288,38 +228,42 @@ def _transfer(url: str, part: Path, offset: int, hasher: _Digest, *, show: bool,
             start = _content_range_start(response.headers.get("Content-Range"))
             if start != offset:
                 raise _TransientError(f"asked for bytes from {offset}, the server sent from {start}")
-            mode = "ab"
         elif status == 200:
             # The server ignored the Range header: the body is the whole file, so start over
             hasher.reset()
             offset = 0
-            mode = "wb"
         else:
             raise _TransientError(f"unexpected HTTP status {status}")
         length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None and length.isdigit() else None
-        bar = ProgressBar(part.name.removesuffix(".part"), total, offset) if show else None
-        received = 0
-        try:
-            with open(part, mode) as out:
-                while True:
-                    try:
-                        block = response.read(CHUNK_BYTES)
-                    except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-                        raise _TransientError(f"connection lost after {offset + received} bytes ({e})") from None
-                    if not block:
-                        break
-                    out.write(block)
-                    hasher.update(block)
-                    received += len(block)
-                    if bar is not None:
-                        bar.update(len(block))
-        finally:
-            if bar is not None:
-                bar.close()
-        if length is not None and length.isdigit() and received < int(length):
-            raise _TransientError(f"connection closed after {offset + received} of {total} bytes")
+        expected = int(length) if length is not None and length.isdigit() else None
+        received = _receive(job, response, offset, expected, hasher)
+        if expected is not None and received < expected:
+            raise _TransientError(f"connection closed after {offset + received} of {offset + expected} bytes")
         return received
+
+
+def _receive(
+    job: _Transfer, response: http.client.HTTPResponse, offset: int, length: int | None, hasher: _Digest
+) -> int:
+    """Write the response body to the part file from ``offset`` (0: start over), hashing it as it arrives."""
+    total = offset + length if length is not None else None
+    received = 0
+    desc = job.dst.name
+    with (
+        open(job.part, "ab" if offset else "wb") as out,
+        progress_bar(total, desc=desc, unit="B", enabled=job.progress, initial=offset) as bar,
+    ):
+        while True:
+            try:
+                block = response.read(CHUNK_BYTES)
+            except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
+                raise _TransientError(f"connection lost after {offset + received} bytes ({e})") from None
+            if not block:
+                return received
+            out.write(block)
+            hasher.update(block)
+            received += len(block)
+            bar.update(len(block))
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -332,9 +276,10 @@ def _content_range_start(value: str | None) -> int | None:
         return None
 
 
-def _unavailable(url: str, dst: Path, expected: WeightsFile, reason: str) -> str:
+def _unavailable(job: _Transfer, reason: str) -> str:
     return (
-        f"{dst.name}: cannot download {url}: {reason}. Without network, fetch that URL elsewhere "
-        f"(about {expected.size_mb:.1f} MB, sha256 {expected.sha256}) and put it at {dst}, or set ORNIS_BASE_URL "
+        f"{job.dst.name}: cannot download {job.url}: {reason}. Without network, fetch that URL elsewhere "
+        f"(about {job.expected.size_mb:.1f} MB, sha256 {job.expected.sha256}) and put it at {job.dst}, or set "
+        "ORNIS_BASE_URL "
         "to a mirror"
     )

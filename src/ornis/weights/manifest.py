@@ -6,15 +6,21 @@ can be replaced by a mirror (see ``ornis.weights.cache``).
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
+from ornis.assets import SHIPPED_MODEL, ShippedModel
 from ornis.errors import UnknownModelError
 
 HF_BASE = "https://huggingface.co/birder-project/{name}/resolve/main"
+FILE_FORMATS = ("pt", "safetensors")  # the formats weights are published in
+DEFAULT_FILE_FORMAT = "pt"
 
 
 @dataclass(frozen=True)
 class WeightsFile:
+    """One published file of some weights: its format, size and checksum."""
+
     format: str  # "pt" or "safetensors"
     size_mb: float
     sha256: str
@@ -22,6 +28,9 @@ class WeightsFile:
 
 @dataclass(frozen=True)
 class PretrainedWeights:
+    """Published weights: the architecture they are for, what they were trained for, and their files (``extra``
+    holds ``local_path`` for weights that ship inside the package)."""
+
     name: str
     network: str  # registry architecture name
     tag: str
@@ -35,24 +44,30 @@ class PretrainedWeights:
 
     @property
     def formats(self) -> tuple[str, ...]:
+        """The formats a file is published in."""
         return tuple(f.format for f in self.files)
 
-    def file(self, file_format: str = "pt") -> WeightsFile:
+    def file(self, file_format: str = DEFAULT_FILE_FORMAT) -> WeightsFile:
+        """The published file in ``file_format``; ValueError naming the available formats when there is none."""
         for f in self.files:
             if f.format == file_format:
                 return f
         raise ValueError(f"{self.name}: no {file_format!r} file is published; available: {', '.join(self.formats)}")
 
-    def file_name(self, file_format: str = "pt") -> str:
+    def file_name(self, file_format: str = DEFAULT_FILE_FORMAT) -> str:
+        """``<name>.<format>``, the file's name in the cache and on the server."""
         self.file(file_format)
         return f"{self.name}.{file_format}"
 
-    def url(self, file_format: str = "pt", base_url: str | None = None) -> str:
+    def url(self, file_format: str = DEFAULT_FILE_FORMAT, base_url: str | None = None) -> str:
+        """The file's URL: under ``base_url`` (a mirror) when given, else the entry's own base or Hugging Face."""
         base = base_url.rstrip("/") if base_url else (self.base_url or HF_BASE.format(name=self.name))
         return f"{base}/{self.file_name(file_format)}"
 
 
-def _w(name: str, network: str, resolution: int, classes: int, description: str, *files: WeightsFile) -> PretrainedWeights:
+def _w(
+    name: str, network: str, resolution: int, classes: int, description: str, *files: WeightsFile
+) -> PretrainedWeights:
     tag = name[len(network) + 1 :]
     return PretrainedWeights(
         name=name,
@@ -124,13 +139,12 @@ def register_weights(weights: PretrainedWeights) -> None:
 
 def list_pretrained_models(pattern: str | None = None) -> list[str]:
     """Names of the published weights, sorted; ``pattern`` is a shell-style filter."""
-    import fnmatch
-
     names = sorted(MANIFEST)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
 def get_weights(name: str) -> PretrainedWeights:
+    """The manifest entry ``name``; UnknownModelError with the closest names when there is none."""
     try:
         return MANIFEST[name]
     except KeyError:
@@ -138,14 +152,26 @@ def get_weights(name: str) -> PretrainedWeights:
 
 
 def find_by_sha256(digest: str) -> PretrainedWeights | None:
+    """The weights one of whose files has sha256 ``digest``, if any."""
     for w in MANIFEST.values():
         if any(f.sha256 == digest for f in w.files):
             return w
     return None
 
 
-# The model that ships inside the package (ornis demo's) is an entry like any other; its module only needs the names
-# defined above, so importing it here, at the end, is safe
-from ornis.assets import register_shipped_weights  # noqa: E402
+def shipped_weights(model: ShippedModel) -> PretrainedWeights:
+    """The manifest entry of a model file that ships inside the package (found there, never downloaded)."""
+    return PretrainedWeights(
+        name=model.name,
+        network=model.network,
+        tag=model.tag,
+        resolution=model.resolution,
+        task=model.task,
+        description=model.description,
+        files=(WeightsFile(model.format, model.size_mb, model.sha256),),
+        num_classes=model.num_classes,
+        extra={"local_path": str(model.path)},
+    )
 
-register_shipped_weights()
+
+register_weights(shipped_weights(SHIPPED_MODEL))

@@ -1,7 +1,8 @@
 """Converters from upstream releases to checkpoints in the published format.
 
 - ``convert_sam2``: SAM 2 / 2.1 checkpoints (the image encoder's Hiera trunk) -> ``hieradet_*``;
-- ``convert_dinov2``: DINOv2 with registers, official torch-hub state dict or Hugging Face folder -> ``vit_reg*_nps_ls``.
+- ``convert_dinov2``: DINOv2 with registers, official torch-hub state dict or Hugging Face folder ->
+  ``vit_reg*_nps_ls``.
 
 Sources are read with ``torch.load(weights_only=True)`` or safetensors, never with full unpickling.
 """

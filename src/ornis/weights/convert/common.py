@@ -1,19 +1,22 @@
-"""What the converters share: reading a foreign state dict safely, picking the registry variant for a set of
-architecture facts, and writing the result."""
+"""What the converters share: reading a foreign state dict safely, the config overrides a converted encoder needs
+(computed by ``ornis.weights.checkpoint``, the one place that compares a config with its registered variant), and
+writing the result as a checked checkpoint."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from ornis.errors import CheckpointFormatError
+from ornis.errors import CheckpointFormatError, first_line
 from ornis.models import registry
-from ornis.weights.checkpoint import Checkpoint, make_signature, write_checkpoint
+from ornis.models.base import Encoder
+from ornis.weights.checkpoint import Checkpoint, config_changes, load_state, make_signature, write_checkpoint
 
 IMAGENET_RGB_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -25,9 +28,6 @@ def read_tensors(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointFormatError(path, "no such file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -35,23 +35,18 @@ def read_tensors(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointFormatError(
-            path, f"refused to unpickle: it holds objects other than tensors ({first})"
+            path, f"refused to unpickle: it holds objects other than tensors ({first_line(e)})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointFormatError(path, f"cannot be read, truncated or corrupt ({e})") from None
 
 
 def config_overrides(network: str, wanted: dict[str, Any]) -> dict[str, Any]:
-    """The fields of ``network``'s registered config that differ from ``wanted`` (stored in the checkpoint's
-    ``config`` so the file rebuilds the exact architecture)."""
-    base = registry.get_model_spec(network).config
-    fields = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(wanted) - fields)
-    if unknown:
-        raise ValueError(f"{network}: config fields {unknown} are not known to {type(base).__name__}")
-    return {k: v for k, v in wanted.items() if getattr(base, k) != v}
+    """The fields of ``wanted`` that differ from ``network``'s registered config (stored in the checkpoint's
+    ``config`` so the file rebuilds the exact architecture). ValueError for a field the config does not have."""
+    config = registry.apply_overrides(registry.get_model_spec(network).config, wanted)
+    return config_changes(network, config) or {}
 
 
 def write_converted(
@@ -62,15 +57,35 @@ def write_converted(
     size: tuple[int, int],
     rgb_stats: dict[str, Any],
     config: dict[str, Any] | None,
+    source: Path | None = None,
 ) -> Path:
-    """Write a converted encoder (no classifier) in the published format."""
+    """Write a converted encoder (no classifier) in the published format, after checking that ``state`` fits
+    ``network`` with ``config`` (StateDictMismatchError naming ``source`` otherwise), so that a bad conversion
+    fails here rather than at the first load."""
+    net = _fitted(state, network, size, config, source)
     ckpt = Checkpoint(
+        # The tensors as converted, not the model's copy: a converter keeps the upstream dtype
         state={k: v.detach().contiguous() for k, v in state.items()},
         signature=make_signature(size, 0),
         class_to_idx={},
         rgb_stats=rgb_stats,
-        task="image_classification",
-        config=config or None,
+        task=net.task,
+        config=config_changes(network, net.config),
         network=network,
     )
     return write_checkpoint(ckpt, dst)
+
+
+def _fitted(
+    state: dict[str, torch.Tensor],
+    network: str,
+    size: tuple[int, int],
+    config: dict[str, Any] | None,
+    source: Path | None,
+) -> Encoder:
+    """``network`` built on the meta device (no memory, no init) with ``state`` adopted, strictly."""
+    spec = registry.get_model_spec(network)
+    with torch.device("meta"):
+        net = spec.cls(registry.apply_overrides(spec.config, config), num_classes=0, size=size, name=network)
+    load_state(net, state, strict=True, path=source, assign=True)
+    return net

@@ -54,7 +54,9 @@ def convert_dinov2(
     if layer_norm_eps is not None:
         facts["norm_eps"] = layer_norm_eps
     state, network, size, overrides = hub_to_ornis(hub_state, facts, path=src)
-    return write_converted(state, dst, network=network, size=size, rgb_stats=IMAGENET_RGB_STATS, config=overrides)
+    return write_converted(
+        state, dst, network=network, size=size, rgb_stats=IMAGENET_RGB_STATS, config=overrides, source=src
+    )
 
 
 def read_dinov2(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,6 +74,8 @@ def read_dinov2(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Hugging Face ``Dinov2WithRegisters`` folder's state dict in the torch-hub layout, and the architecture
+    facts its ``config.json`` states (heads, eps, qkv bias)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointFormatError(folder, "a Hugging Face model folder needs config.json; none found")

@@ -58,7 +58,9 @@ def convert_sam2(
     if first_window != spec.config.window_spec[0]:
         wanted["window_spec"] = (first_window, *spec.config.window_spec[1:])
     overrides = config_overrides(network, wanted)
-    return write_converted(state, dst, network=network, size=(size, size), rgb_stats=SAM2_RGB_STATS, config=overrides)
+    return write_converted(
+        state, dst, network=network, size=(size, size), rgb_stats=SAM2_RGB_STATS, config=overrides, source=src
+    )
 
 
 def trunk_state(model: dict[str, torch.Tensor], path: Path | None = None) -> dict[str, torch.Tensor]:
