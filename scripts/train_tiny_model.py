@@ -9,7 +9,7 @@ different seed. Everything is generated, so no download is needed; on 2 CPU core
     python scripts/train_tiny_model.py --install       # ... and copy the model into src/ornis/assets/
 
 ``--install`` also (re)writes the sample images in ``src/ornis/assets/samples/`` and records the model's sha256 and size
-in ``src/ornis/assets/__init__.py``.
+in ``src/ornis/assets/manifest.json`` (the shipped model's entry in the weights manifest).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from ornis.eval.synthetic import SHAPE_CLASSES, write_sample_images, write_shapes_folder
 from ornis.train.loop import TrainConfig
 from ornis.train.supervised import ClassifyOptions, train_classifier
+from ornis.utils.fs import atomic_write_text
 from ornis.weights.checkpoint import sha256_file
 
 ARCH = "vit_t16"  # the registered variant the overrides below start from
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     # slower than one on a shared 2-core machine (thread hand-offs stall when the other core is busy)
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
     parser.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
-    parser.add_argument("--workdir", default=None, help="where the generated images and the run go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the generated images and the run go (default: a temp dir)"
+    )
     parser.add_argument("--install", action="store_true", help="copy the model into src/ornis/assets/")
     args = parser.parse_args(argv)
 
@@ -116,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         dst = Path(__file__).resolve().parents[1] / "src" / "ornis" / "assets" / ASSET_NAME
         shutil.copyfile(result.checkpoint, dst)
         write_sample_images(dst.parent / "samples")
-        (dst.parent / "training_summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "checkpoint"}, indent=2) + "\n")
-        record = dst.parent / "__init__.py"
-        text = re.sub(r'^DEMO_MODEL_SHA256 = ".*"$', f'DEMO_MODEL_SHA256 = "{summary["sha256"]}"', record.read_text(), flags=re.MULTILINE)
-        text = re.sub(r"^DEMO_MODEL_SIZE_MB = .*$", f"DEMO_MODEL_SIZE_MB = {summary['size_mb']}", text, flags=re.MULTILINE)
-        record.write_text(text)
+        summary_file = {k: v for k, v in summary.items() if k != "checkpoint"}
+        atomic_write_text(dst.parent / "training_summary.json", json.dumps(summary_file, indent=2) + "\n")
+        record = dst.parent / "manifest.json"
+        entry = json.loads(record.read_text())
+        entry.update(sha256=summary["sha256"], size_mb=summary["size_mb"], file=ASSET_NAME)
+        atomic_write_text(record, json.dumps(entry, indent=2) + "\n")
         print(f"installed {dst}; recorded its sha256 {summary['sha256']} in {record}")
     return 0
 

@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ornis.errors import OrnisError
 from ornis.inference.batch.job import BatchJob
 from ornis.inference.batch.manifest import Manifest
-from ornis.loading import ModelInfo, is_checkpoint_path, load_pretrained_model
+from ornis.loading import ModelInfo, load_pretrained_model, model_file, resolve_model_name
 from ornis.models.base import Encoder
-from ornis.weights.cache import resolve_weights
 from ornis.weights.checkpoint import sha256_file
-from ornis.weights.manifest import get_weights
 
 
 @dataclass(frozen=True)
@@ -37,25 +36,22 @@ def resolve_model(job: BatchJob) -> ResolvedModel:
     """``job.model`` (a checkpoint path or a published name, fetched into the cache if missing) as a local file and
     its sha256. Published weights are verified by the cache against the sha256 they are published with, so only a
     checkpoint of one's own is hashed here."""
-    path = Path(job.model)
-    if path.is_file():
-        return ResolvedModel(path, sha256_file(path), job.network)
-    if is_checkpoint_path(job.model):
+    source = resolve_model_name(job.model)
+    if source.kind == "file" and not (source.path and source.path.is_file()):
         raise OrnisError(f"{job.model}: no such checkpoint file")
-    path = resolve_weights(job.model, "pt")
-    return ResolvedModel(path, get_weights(job.model).file("pt").sha256, _network(job))
+    path = model_file(source)
+    sha = sha256_file(path) if source.weights is None else source.weights.file().sha256
+    return ResolvedModel(path, sha, job.network or source.network)
 
 
-def load_model(model: ResolvedModel, job: BatchJob, device: torch.device) -> tuple[Encoder, ModelInfo]:
+def load_model(model: ResolvedModel, job: BatchJob, device: torch.device) -> tuple[Encoder | nn.Module, ModelInfo]:
     """The resolved checkpoint on ``device``, in inference mode."""
     path = model.path
-    if not path.is_file() and not is_checkpoint_path(job.model):
+    if not path.is_file():
         # A Ray task on another node than the driver: published weights live in each node's own cache
-        path = resolve_weights(job.model, "pt")
+        path = model_file(resolve_model_name(job.model))
     return load_pretrained_model(path, inference=True, network=model.network, device=device)
 
 
 def _network(job: BatchJob) -> str | None:
-    if job.network is not None or is_checkpoint_path(job.model):
-        return job.network
-    return get_weights(job.model).network
+    return job.network or resolve_model_name(job.model).network
