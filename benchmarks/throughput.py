@@ -41,13 +41,20 @@ ARCHS = {
     "hieradet_small": Arch("hieradet_small", 224, 256, ("birder:hieradet_small", "timm:sam2_hiera_small")),
     "hieradet_d_small": Arch("hieradet_d_small", 224, 256, ("birder:hieradet_d_small",)),
     "hiera_abswin_base": Arch(
-        "hiera_abswin_base", 224, 256, ("birder:hiera_abswin_base", "timm:hiera_base_abswin_256", "hiera:hiera_base_224")
+        "hiera_abswin_base",
+        224,
+        256,
+        ("birder:hiera_abswin_base", "timm:hiera_base_abswin_256", "hiera:hiera_base_224"),
     ),
     "vit_reg4_l14_nps_ls": Arch(
         "vit_reg4_l14_nps_ls",
         518,
         32,
-        ("birder:vit_reg4_l14_nps_ls", "timm:vit_large_patch14_reg4_dinov2", "transformers:dinov2-with-registers-large"),
+        (
+            "birder:vit_reg4_l14_nps_ls",
+            "timm:vit_large_patch14_reg4_dinov2",
+            "transformers:dinov2-with-registers-large",
+        ),
     ),
     "flexivit_reg1_s16_rms_ls": Arch("flexivit_reg1_s16_rms_ls", 240, 256, ("birder:flexivit_reg1_s16_rms_ls",)),
 }
@@ -71,8 +78,13 @@ def build_reference(ref: str, size: int) -> Callable[[torch.Tensor], torch.Tenso
         from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
         cfg = Dinov2WithRegistersConfig(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=size, patch_size=14,
-            num_register_tokens=4, attn_implementation="sdpa",
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=size,
+            patch_size=14,
+            num_register_tokens=4,
+            attn_implementation="sdpa",
         )
         net = Dinov2WithRegistersModel(cfg)
         return (lambda x: net(pixel_values=x).pooler_output), net
@@ -132,8 +144,8 @@ def run(args: argparse.Namespace) -> dict:
         net = ornis.build_model(arch.ornis_name, size=arch.size).eval()
         gflops = count_gflops(net, arch.size)
         entry = {"size": arch.size, "batch": batch, "gflops_per_img": round(gflops, 2), "runs": {}}
-        candidates: list[tuple[str, Callable]] = [("ornis", lambda: (net.embedding, net))]
-        candidates += [(ref, (lambda r=ref: build_reference(r, arch.size))) for ref in arch.references]
+        candidates: list[tuple[str, Callable]] = [("ornis", lambda net=net: (net.embedding, net))]
+        candidates += [(ref, (lambda r=ref, size=arch.size: build_reference(r, size))) for ref in arch.references]
         for label, make in candidates:
             try:
                 fn, module = make()
@@ -147,7 +159,13 @@ def run(args: argparse.Namespace) -> dict:
                 run_fn = torch.compile(fn) if compiled else fn
                 tag = f"{label}|{'compiled' if compiled else 'eager'}"
                 try:
-                    r = measure(run_fn, x.to(torch.bfloat16) if args.weights_dtype == "bf16" else x, args.dtype, args.iters, args.warmup)
+                    r = measure(
+                        run_fn,
+                        x.to(torch.bfloat16) if args.weights_dtype == "bf16" else x,
+                        args.dtype,
+                        args.iters,
+                        args.warmup,
+                    )
                     r["tflops"] = round(r["img_per_s"] * gflops / 1e3, 2)
                 except Exception as e:
                     r = {"error": f"{type(e).__name__}: {e}"[:200]}
@@ -159,7 +177,11 @@ def run(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
         for mode in ("eager", "compiled"):
             ours = entry["runs"].get(f"ornis|{mode}", {}).get("img_per_s")
-            refs = [v["img_per_s"] for k, v in entry["runs"].items() if k.endswith(mode) and not k.startswith("ornis") and "img_per_s" in v]
+            refs = [
+                v["img_per_s"]
+                for k, v in entry["runs"].items()
+                if k.endswith(mode) and not k.startswith("ornis") and "img_per_s" in v
+            ]
             if ours and refs:
                 entry[f"speedup_vs_best_reference_{mode}"] = round(ours / max(refs), 3)
         results["archs"][key] = entry
@@ -170,7 +192,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
-    p.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32", help="cast weights too (inference in bf16)")
+    p.add_argument(
+        "--weights-dtype", choices=["fp32", "bf16"], default="fp32", help="cast weights too (inference in bf16)"
+    )
     p.add_argument("--compile", choices=["off", "on", "both"], default="both" if torch.cuda.is_available() else "off")
     p.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS))
     p.add_argument("--batch", type=int, default=None, help="default: the issue's GPU batch, 4 on CPU")

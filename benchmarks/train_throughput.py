@@ -32,6 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ornis.train.config import TrainConfig, TrainResult
+from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
+from ornis.train.supervised import ClassifyOptions, train_classifier
+
 TASKS = {
     "classify": dict(arch="flexivit_reg1_s16_rms_ls", size=240, batch=128),
     "dino-v2": dict(arch="hieradet_small", size=224, batch=64),
@@ -62,37 +66,28 @@ def _peak_memory_gib(device: str) -> float:
 
 
 def run_task(task: str, args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
-    from ornis.train.loop import TrainConfig
-
+    """Train ``task`` on ``data`` and measure it."""
     spec = dict(TASKS[task])
     if args.tiny:
         spec.update(TINY[task])
     batch = args.batch_size or spec["batch"]
     cfg = TrainConfig(
-        steps=args.steps, batch_size=batch, output_dir=out / task, lr=1e-4, warmup_steps=1, bf16=args.bf16,
-        log_every=args.window, num_workers=args.workers, device=args.device, compile=args.compile, checkpoint_every=0,
+        steps=args.steps,
+        batch_size=batch,
+        output_dir=out / task,
+        lr=1e-4,
+        warmup_steps=1,
+        bf16=args.bf16,
+        log_every=args.window,
+        num_workers=args.workers,
+        device=args.device,
+        compile=args.compile,
+        checkpoint_every=0,
     )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if task == "classify":
-        from ornis.train.supervised import ClassifyOptions, train_classifier
-
-        opts = ClassifyOptions(train=data, arch=spec["arch"], size=spec["size"], model_config=spec.get("config"),
-                               auto_augment="randaugment", label_smoothing=0.1)
-        result, _ = train_classifier(opts, cfg)
-    else:
-        from ornis.train.dino_v2.multicrop import MultiCropConfig
-        from ornis.train.dino_v2.recipe import DinoV2Options, train_dino_v2
-
-        crops = MultiCropConfig(global_size=spec["size"], local_size=96 if not args.tiny else 32)
-        opts = DinoV2Options(data=data, arch=spec["arch"], model_config=spec.get("config"), crops=crops)
-        if args.tiny:
-            from ornis.train.dino_v2.meta_arch import HeadConfig
-            from ornis.train.dino_v2.recipe import DinoV2Config
-
-            opts.method = DinoV2Config(heads=HeadConfig(out_dim=256, hidden_dim=64, bottleneck_dim=32))
-        result = train_dino_v2(opts, cfg)
+    result = _train(task, spec, data, cfg, args.tiny)
     wall = time.perf_counter() - start
     rates = [e["images_per_s"] for e in result.logs if "images_per_s" in e]
     steady = rates[1:] or rates
@@ -111,6 +106,24 @@ def run_task(task: str, args: argparse.Namespace, data: Path, out: Path) -> dict
         "final_loss": result.losses[max(result.losses)],
         "wall_s": round(wall, 1),
     }
+
+
+def _train(task: str, spec: dict[str, Any], data: Path, cfg: TrainConfig, tiny: bool) -> TrainResult:
+    if task == "classify":
+        opts = ClassifyOptions(
+            train=data,
+            arch=spec["arch"],
+            size=spec["size"],
+            model_config=spec.get("config"),
+            auto_augment="randaugment",
+            label_smoothing=0.1,
+        )
+        return train_classifier(opts, cfg)[0]
+    crops = MultiCropConfig(global_size=spec["size"], local_size=96 if not tiny else 32)
+    opts = DinoV2Options(data=data, arch=spec["arch"], model_config=spec.get("config"), crops=crops)
+    if tiny:
+        opts.method = DinoV2Config(heads=HeadConfig(out_dim=256, hidden_dim=64, bottleneck_dim=32))
+    return train_dino_v2(opts, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def birder_checkpoint(name: str, path: Path, size: int, num_classes: int, seed: int = 0, std: float = 0.05) -> "torch.nn.Module":
+def birder_checkpoint(
+    name: str, path: Path, size: int, num_classes: int, seed: int = 0, std: float = 0.05
+) -> torch.nn.Module:
     """Build the reference model with random weights (every tensor drawn from N(0, std), so no zero-initialised
     head or token hides a bug), and save it in the published file format. Returns the reference model."""
     from birder.model_registry import registry
@@ -78,7 +80,10 @@ def birder_checkpoint(name: str, path: Path, size: int, num_classes: int, seed: 
             "state": net.state_dict(),
             "birder_version": "0.8.4",
             "task": "image_classification",
-            "signature": {"inputs": [{"data_shape": [0, 3, size, size]}], "outputs": [{"data_shape": [0, num_classes]}]},
+            "signature": {
+                "inputs": [{"data_shape": [0, 3, size, size]}],
+                "outputs": [{"data_shape": [0, num_classes]}],
+            },
             "class_to_idx": {f"class_{i}": i for i in range(num_classes)},
             "rgb_stats": RGB_STATS,
         },

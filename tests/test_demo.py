@@ -24,7 +24,9 @@ MIN_DEMO_TOP1 = 0.6
 MIN_DEMO_KNN_TOP1 = 0.5
 
 
-def test_shipped_model_is_a_registered_weights_entry_in_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_model_is_a_registered_weights_entry_in_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ORNIS_OFFLINE", "1")
     monkeypatch.setenv("ORNIS_CACHE", str(tmp_path / "empty-cache"))
     assert DEMO_MODEL in ornis.list_pretrained_models()

@@ -27,7 +27,9 @@ def gaussian_clusters(n: int, dim: int, separation: float, seed: int = 0) -> Emb
     labels = np.arange(n) % NUM_CLASSES
     x = (separation * centres[labels] + rng.normal(size=(n, dim))).astype(np.float32)
     names = [f"class_{c}" for c in range(NUM_CLASSES)]
-    return EmbeddingTable([f"/data/{names[c]}/{i}.jpg" for i, c in enumerate(labels)], x, labels.astype(np.int64), names)
+    return EmbeddingTable(
+        [f"/data/{names[c]}/{i}.jpg" for i, c in enumerate(labels)], x, labels.astype(np.int64), names
+    )
 
 
 def nearest_centre_accuracy(train: EmbeddingTable, test: EmbeddingTable) -> float:
@@ -144,7 +146,10 @@ def test_cli_eval_knn_and_linear(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "top-1" in out and "class_9" in out
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert knn["count"] == 300 and knn["k"] == 10 and knn["top1"] > CHANCE + 0.3
-    assert main(["eval", "linear", str(train), "--epochs", "20", "--lrs", "0.01", "--json", str(tmp_path / "lin.json")]) == 0
+    assert (
+        main(["eval", "linear", str(train), "--epochs", "20", "--lrs", "0.01", "--json", str(tmp_path / "lin.json")])
+        == 0
+    )
     lin = json.loads((tmp_path / "lin.json").read_text())
     assert lin["count"] == 120 and lin["top1"] > CHANCE + 0.3  # 20 % of 600 held out
     assert main(["eval", "knn", str(tmp_path / "missing.parquet")]) == 1

@@ -124,7 +124,10 @@ def test_cli_index_build_search_duplicates(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "3 (row 3)" and out[1].split()[-1] == "/photos/400.jpg" and out[1].split()[1] == "1.0000"
     assert out[3] == "/photos/010.jpg (row 10)" and len(out) == 6
-    assert main(["index", "duplicates", str(tmp_path / "idx"), "--threshold", "0.999", "--csv", str(tmp_path / "d.csv")]) == 0
+    assert (
+        main(["index", "duplicates", str(tmp_path / "idx"), "--threshold", "0.999", "--csv", str(tmp_path / "d.csv")])
+        == 0
+    )
     assert "1 pair(s)" in capsys.readouterr().out
     assert (tmp_path / "d.csv").read_text().splitlines()[1].startswith("/photos/003.jpg,/photos/400.jpg,")
     assert main(["index", "search", str(tmp_path / "idx"), "999"]) == 1

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import birder_checkpoint, scale_err
 
 import ornis
-from conftest import birder_checkpoint, scale_err
 from ornis.inference.classification import open_rgb
 from ornis.weights import manifest
 from ornis.weights.checkpoint import sha256_file

@@ -15,64 +15,38 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.training import CROPS, HEADS, TINY_DINO, dino_dataset, dino_recipe, stripes
 
 import ornis
 from ornis.inference.classification import infer_image
-from ornis.train.data import SampleDataset, open_source
-from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, DinoV2Recipe, DinoV2Views, HeadConfig, MultiCropConfig
+from ornis.train.config import TrainConfig
+from ornis.train.data import SampleDataset
+from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, DinoV2Recipe, DinoV2Views, MultiCropConfig
 from ornis.train.dino_v2.recipe import train_dino_v2
-from ornis.train.loop import TrainConfig, run
+from ornis.train.loop import run
 from ornis.weights.checkpoint import read_checkpoint
 
-CROPS = MultiCropConfig(global_size=64, local_size=32, local_crops=2)
-HEADS = HeadConfig(out_dim=16, hidden_dim=64, bottleneck_dim=32)
-TINY = {"num_layers": 2}  # vit_t16 / flexivit_t16 widths, two blocks
-TINY_HIERADET = {"depths": (1, 1, 1, 1), "global_att_blocks": (), "embed_dim": 32}  # one block a stage, 32..256 wide
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _stripes(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
-    """Two-colour stripes of random angle and frequency: every image is easy to tell from the others by colour and
-    texture, so crops of one image can learn to agree."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(2, 8)
-        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        on = (np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy)) > 0)[..., None]
-        out.append(Image.fromarray(np.where(on, c1, c2).astype(np.uint8)))
-    return out
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32 unlabelled images in a folder of no particular layout (nested, mixed formats)."""
     root = tmp_path_factory.mktemp("unlabelled")
-    for i, img in enumerate(_stripes(32)):
+    for i, img in enumerate(stripes(32)):
         sub = root / ("a" if i % 2 else "b/c")
         sub.mkdir(parents=True, exist_ok=True)
         img.save(sub / f"img{i:02d}.{'png' if i % 3 else 'jpg'}")
     return root
 
 
-def _recipe(arch: str = "vit_t16", **method) -> DinoV2Recipe:
-    torch.manual_seed(0)
-    net = ornis.build_model(arch, size=CROPS.global_size, config=TINY_HIERADET if "hieradet" in arch else TINY)
-    cfg = DinoV2Config(heads=HEADS, teacher_temp=0.04, momentum_teacher=0.99, **method)
-    return DinoV2Recipe(net, cfg, CROPS, seed=0)
-
-
-def _dataset(folder: Path) -> SampleDataset:
-    return SampleDataset(open_source(folder, labelled=False), DinoV2Views(CROPS))
-
-
 @pytest.mark.slow
 def test_loss_goes_down(image_folder: Path) -> None:
-    result = run(_recipe(), _dataset(image_folder),
-                 TrainConfig(steps=30, batch_size=16, lr=2e-3, warmup_steps=2, grad_clip=3.0, log_every=0))
+    result = run(
+        dino_recipe(),
+        dino_dataset(image_folder),
+        TrainConfig(steps=30, batch_size=16, lr=2e-3, warmup_steps=2, grad_clip=3.0, log_every=0),
+    )
     losses = [result.losses[s] for s in range(30)]
     dino = [e["dino"] for e in result.logs]
     assert all(math.isfinite(v) for v in losses)
@@ -91,12 +65,12 @@ def test_loss_goes_down(image_folder: Path) -> None:
     ],
 )
 def test_resume_repeats_the_uninterrupted_losses(image_folder: Path, tmp_path: Path, arch: str, method: dict) -> None:
-    data = _dataset(image_folder)
+    data = dino_dataset(image_folder)
     cfg = {"steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 0, "checkpoint_every": 3}
-    whole = run(_recipe(arch, **method), data, TrainConfig(output_dir=tmp_path / "whole", **cfg))
+    whole = run(dino_recipe(arch, **method), data, TrainConfig(output_dir=tmp_path / "whole", **cfg))
     states = tmp_path / "whole" / f"{arch}_dino-v2_s3_states.pt"
     assert states.is_file()
-    resumed = run(_recipe(arch, **method), data, TrainConfig(output_dir=tmp_path / "resumed", resume=states, **cfg))
+    resumed = run(dino_recipe(arch, **method), data, TrainConfig(output_dir=tmp_path / "resumed", resume=states, **cfg))
     assert sorted(resumed.losses) == [3, 4, 5]
     for step in (3, 4, 5):
         assert resumed.losses[step] == pytest.approx(whole.losses[step], rel=1e-6, abs=1e-6)
@@ -105,41 +79,42 @@ def test_resume_repeats_the_uninterrupted_losses(image_folder: Path, tmp_path: P
 
 
 def test_flexivit_draws_a_valid_patch_size_per_step() -> None:
-    recipe = _recipe("flexivit_t16")
+    recipe = dino_recipe("flexivit_t16")
     assert recipe.patch_sizes == [8, 16, 32]  # FlexiViT's 8..48 that tile both 64 and 32 px crops
     drawn = [recipe.patch_size_at(s) for s in range(30)]
     assert set(drawn) == {8, 16, 32}
     assert drawn == [recipe.patch_size_at(s) for s in range(30)]  # a function of (seed, step)
-    assert _recipe("vit_t16").patch_size_at(0) is None
+    assert dino_recipe("vit_t16").patch_size_at(0) is None
 
 
 @pytest.mark.parametrize("arch", ["vit_t16", "flexivit_t16", "hieradet_d_tiny"])
 def test_masked_forward(arch: str) -> None:
     """Without a mask the student's encoding is the backbone's own; masked cells change it, through the token."""
-    from ornis.train.dino_v2.backbones import encode, mask_grid
-
-    recipe = _recipe(arch)
+    recipe = dino_recipe(arch)
     net = recipe.model.eval()
     x = torch.randn(2, 3, 64, 64)
-    grid = mask_grid(net.backbone, (64, 64), 16 if "vit" in arch else None)
+    grid = net.backbone.retention_grid((64, 64), 16 if "vit" in arch else None)
     assert grid == ((4, 4) if "vit" in arch else (2, 2))
     none = torch.zeros(2, grid[0] * grid[1], dtype=torch.bool)
     with torch.no_grad():
-        emb, patches = encode(net.backbone, x, none, net.mask_token)
+        emb, patches = net.backbone.masked_retention(x, none, net.mask_token)
         torch.testing.assert_close(emb, net.backbone.embedding(x))
         assert patches.shape[:2] == (2, grid[0] * grid[1])
         some = none.clone()
         some[0, 1] = True
         net.mask_token.fill_(0.5)
-        emb2, _ = encode(net.backbone, x, some, net.mask_token)
+        emb2, _ = net.backbone.masked_retention(x, some, net.mask_token)
     torch.testing.assert_close(emb2[1], emb[1])  # the unmasked image is untouched
     assert not torch.allclose(emb2[0], emb[0])
 
 
 def test_hieradet_checkpoint_loads_and_embeds(image_folder: Path, tmp_path: Path) -> None:
-    recipe = _recipe("hieradet_d_tiny")
-    result = run(recipe, _dataset(image_folder), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0,
-                                                             output_dir=tmp_path))
+    recipe = dino_recipe("hieradet_d_tiny")
+    result = run(
+        recipe,
+        dino_dataset(image_folder),
+        TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0, output_dir=tmp_path),
+    )
     assert all(math.isfinite(e["loss"]) for e in result.logs)
     net, _ = ornis.load_pretrained_model(result.checkpoint, inference=True)
     x = torch.randn(2, 3, 64, 64)
@@ -158,20 +133,26 @@ def test_batch_of_near_duplicates_stays_finite() -> None:
             return Image.new("RGB", (64, 64), (128, 128, 128)), -1
 
     for centering, bf16 in (("sinkhorn_knopp", False), ("softmax", True)):
-        result = run(_recipe(centering=centering), SampleDataset(Flat(), DinoV2Views(CROPS)),
-                     TrainConfig(steps=2, batch_size=32, lr=1e-3, log_every=0, bf16=bf16))
+        result = run(
+            dino_recipe(centering=centering),
+            SampleDataset(Flat(), DinoV2Views(CROPS)),
+            TrainConfig(steps=2, batch_size=32, lr=1e-3, log_every=0, bf16=bf16),
+        )
         for entry in result.logs:
             for key in ("loss", "dino", "ibot", "koleo", "grad_norm"):
                 assert math.isfinite(entry[key]), (centering, entry)
 
 
 def test_checkpoint_is_the_teacher_and_embeds_images(image_folder: Path, tmp_path: Path, photos: list[Path]) -> None:
-    recipe = _recipe()
-    result = run(recipe, _dataset(image_folder), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0,
-                                                             output_dir=tmp_path))
+    recipe = dino_recipe()
+    result = run(
+        recipe,
+        dino_dataset(image_folder),
+        TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0, output_dir=tmp_path),
+    )
     assert result.checkpoint == tmp_path / "vit_t16_dino-v2.pt"
     ckpt = read_checkpoint(result.checkpoint)
-    assert ckpt.network == "vit_t16" and ckpt.config == TINY and ckpt.num_classes == 0 and ckpt.size == (64, 64)
+    assert ckpt.network == "vit_t16" and ckpt.config == TINY_DINO and ckpt.num_classes == 0 and ckpt.size == (64, 64)
     teacher = recipe.teacher.backbone.state_dict()
     assert ckpt.state.keys() == teacher.keys()
     assert all(torch.equal(ckpt.state[k], teacher[k].cpu()) for k in teacher)
@@ -188,8 +169,8 @@ def test_checkpoint_is_the_teacher_and_embeds_images(image_folder: Path, tmp_pat
 
 def test_continue_pretraining_a_released_checkpoint(image_folder: Path, tmp_path: Path) -> None:
     torch.manual_seed(1)
-    released = ornis.build_model("vit_t16", num_classes=3, size=64, config=TINY)
-    path = ornis.save_model(released, tmp_path / "vit_t16_mine.pt", config=TINY)
+    released = ornis.build_model("vit_t16", num_classes=3, size=64, config=TINY_DINO)
+    path = ornis.save_model(released, tmp_path / "vit_t16_mine.pt", config=TINY_DINO)
 
     opts = DinoV2Options(data=image_folder, weights=path, method=DinoV2Config(heads=HEADS), crops=CROPS)
     cfg = TrainConfig(steps=2, batch_size=8, lr=1e-4, log_every=0, output_dir=tmp_path / "run")
@@ -208,10 +189,12 @@ def test_cli_trains_and_writes_a_loadable_model(image_folder: Path, tmp_path: Pa
     from ornis.cli.main import main
 
     out = tmp_path / "cli"
-    code = main(["train", "dino-v2", str(image_folder), "--arch", "vit_t16", "--model-config", json.dumps(TINY),
-                 "--global-size", "64", "--local-size", "32", "--local-crops", "2", "--out-dim", "16",
-                 "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--steps", "2", "--batch-size", "8",
-                 "--workers", "0", "--output", str(out)])
+    options = "--arch vit_t16 --global-size 64 --local-size 32 --local-crops 2 --out-dim 16 --head-hidden-dim 32"
+    more = "--head-bottleneck-dim 16 --steps 2 --batch-size 8 --workers 0"
+    code = main(
+        ["train", "dino-v2", str(image_folder), *options.split(), *more.split()]
+        + ["--model-config", json.dumps(TINY_DINO), "--output", str(out)]
+    )
     assert code == 0
     net, _ = ornis.load_pretrained_model(out / "vit_t16_dino-v2.pt")
     assert net.embedding(torch.randn(1, 3, 64, 64)).shape == (1, 192)
@@ -221,26 +204,33 @@ TORCHRUN_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from test_train_dino_v2 import _dataset, _recipe
+from support.training import dino_dataset, dino_recipe
 from pathlib import Path
-from ornis.train.loop import TrainConfig, cleanup_distributed, run
-result = run(_recipe(), _dataset(Path({folder!r})), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0))
+from ornis.train.config import TrainConfig
+from ornis.train.loop import run
+from ornis.utils.distributed import close_distributed
+result = run(dino_recipe(), dino_dataset(Path({folder!r})), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0))
 if torch.distributed.get_rank() == 0:
     Path({out!r}).write_text(json.dumps(result.losses))
-cleanup_distributed()
+close_distributed()
 """
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(image_folder: Path, tmp_path: Path) -> None:
-    one = run(_recipe(), _dataset(image_folder), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0))
+    one = run(dino_recipe(), dino_dataset(image_folder), TrainConfig(steps=2, batch_size=8, lr=1e-3, log_every=0))
     out = tmp_path / "losses.json"
     script = tmp_path / "train_two.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), folder=str(image_folder), out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = {int(k): v for k, v in json.loads(out.read_text()).items()}
@@ -258,7 +248,7 @@ def test_gpu_bf16_hieradet_small_at_224() -> None:
     crops of 96 px, the full 65536-prototype head, batch 32, bf16 (printed; run with -s to see them)."""
 
     class Photos:
-        images = _stripes(64, size=256)
+        images = stripes(64, size=256)
 
         def __len__(self) -> int:
             return len(self.images)
@@ -269,8 +259,11 @@ def test_gpu_bf16_hieradet_small_at_224() -> None:
     torch.manual_seed(0)
     recipe = DinoV2Recipe(ornis.build_model("hieradet_small", size=224), DinoV2Config(), MultiCropConfig(), seed=0)
     torch.cuda.reset_peak_memory_stats()
-    result = run(recipe, SampleDataset(Photos(), DinoV2Views(MultiCropConfig())),
-                 TrainConfig(steps=12, batch_size=32, lr=1e-4, bf16=True, log_every=6, num_workers=8))
+    result = run(
+        recipe,
+        SampleDataset(Photos(), DinoV2Views(MultiCropConfig())),
+        TrainConfig(steps=12, batch_size=32, lr=1e-4, bf16=True, log_every=6, num_workers=8),
+    )
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     rate = result.logs[-1]["images_per_s"]  # steps 7-12: past the first steps' warm-up
     print(f"dino-v2 hieradet_small 224 bf16 batch 32: {rate:.1f} images/s, peak {peak_gib:.1f} GiB")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_loop import TINY_VIT, make_shapes
+from support.training import TINY_VIT, make_shapes
 
 pytestmark = pytest.mark.slow  # three processes start per test: 20-40 s on 2 busy CPU cores
 
@@ -39,15 +39,20 @@ def _train_one_and_two(args: list[str], out: Path) -> tuple[list[dict], list[dic
     is start-up); returns both runs' log.jsonl entries."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}
     one = [sys.executable, "-m", "ornis"]
-    two = [str(TORCHRUN), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "ornis"]
+    launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    two = [str(TORCHRUN), *launch, "-m", "ornis"]
     procs = [
-        subprocess.Popen(cmd + args + ["-o", str(out / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            cmd + args + ["-o", str(out / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for cmd, name in ((one, "one"), (two, "two"))
     ]
     for p in procs:
         output, _ = p.communicate(timeout=300)
         assert p.returncode == 0, output[-3000:]
-    return tuple([json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()] for name in ("one", "two"))
+    return tuple(
+        [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()] for name in ("one", "two")
+    )
 
 
 def _compare(one: list[dict], two: list[dict]) -> None:
@@ -58,10 +63,9 @@ def _compare(one: list[dict], two: list[dict]) -> None:
 
 
 VIT = ["--arch", "vit_t16", "--model-config", json.dumps(TINY_VIT), "--size", "32"]
-HIERA = ["--arch", "hiera_abswin_tiny", "--size", "64",
-         "--model-config", json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "drop_path_rate": 0.0})]
-COMMON = ["--steps", "3", "--batch-size", "8", "--workers", "0",
-          "--log-every", "1", "--device", "cpu", "--lr", "3e-3"]
+TINY_HIERA = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "drop_path_rate": 0.0}
+HIERA = ["--arch", "hiera_abswin_tiny", "--size", "64", "--model-config", json.dumps(TINY_HIERA)]
+COMMON = ["--steps", "3", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--device", "cpu", "--lr", "3e-3"]
 
 
 def test_classify_two_ranks_equal_one(tmp_path, data):
@@ -70,14 +74,17 @@ def test_classify_two_ranks_equal_one(tmp_path, data):
     _compare(one, two)
     assert one[1]["loss"] != one[0]["loss"]  # steps 2.. depend on the data (step 1 is ln 3: a zero head)
     # only rank 0 writes: one log line per step, one model file
-    assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == ["vit_t16_classify.pt", "vit_t16_classify_s3.pt",
-                                                                       "vit_t16_classify_s3_states.pt"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == [
+        "vit_t16_classify.pt",
+        "vit_t16_classify_s3.pt",
+        "vit_t16_classify_s3_states.pt",
+    ]
 
 
 @pytest.mark.parametrize("arch", ["vit", "hiera"])
 def test_mim_two_ranks_equal_one(tmp_path, data, arch):
-    args = ["train", "mim", str(data), *(VIT if arch == "vit" else HIERA), "--mask-ratio", "0.5", "--decoder-dim", "32",
-            "--decoder-depth", "1", "--decoder-heads", "2", *COMMON]
+    decoder = "--mask-ratio 0.5 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2".split()
+    args = ["train", "mim", str(data), *(VIT if arch == "vit" else HIERA), *decoder, *COMMON]
     _compare(*_train_one_and_two(args, tmp_path))
     import ornis
 

@@ -1,74 +1,29 @@
 """The shared training loop: schedule, parameter groups, EMA, data order, accumulation, resume, states files.
 
-Most tests use a toy recipe (a tiny conv net on generated coloured shapes) so that the loop itself is what is
-measured; the recipes have their own test files. ``make_shapes`` is shared with them.
+Most tests use a toy recipe (a tiny conv net on generated coloured shapes, ``support.training``) so that the loop
+itself is what is measured; the recipes have their own test files.
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from support.training import STATS, TINY_VIT, make_shapes, write_shards
 from torch import nn
 
+from ornis.data.keys import SampleKey
 from ornis.errors import OrnisError
+from ornis.train.config import Recipe, TrainConfig
 from ornis.train.data import ImageFolderSource, SampleDataset, TarShardSource, open_source, train_transform
-from ornis.train.loop import Recipe, SampleKey, StepBatches, TrainConfig, encoder_checkpoint, find_latest_states, run
+from ornis.train.loop import run
 from ornis.train.optim import ModelEMA, cosine_lr, layer_ids, param_groups
-
-SHAPES = (("circle", (220, 40, 40)), ("square", (40, 200, 40)), ("triangle", (40, 40, 220)))
-STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-TINY_VIT = dict(num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, patch_size=8)
-
-
-def shape_image(kind: str, color: tuple[int, int, int], rng: np.random.Generator, size: int = 48) -> Image.Image:
-    """A coloured circle / square / triangle of random size and place on a grey noisy background."""
-    img = Image.fromarray(rng.integers(90, 160, size=(size, size, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(img)
-    r = int(rng.integers(size // 5, size // 3))
-    x, y = (int(v) for v in rng.integers(r, size - r, size=2))
-    fill = tuple(int(v) for v in np.clip(np.array(color) + rng.integers(-30, 30, 3), 0, 255))
-    if kind == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-    elif kind == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-    else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-    return img
-
-
-def make_shapes(root: Path, per_class: int = 12, seed: int = 0, size: int = 48, labelled: bool = True) -> Path:
-    """ImageFolder layout ``root/<shape>/<i>.png``; unlabelled: the same images scattered in nested folders."""
-    rng = np.random.default_rng(seed)
-    for kind, color in SHAPES:
-        for i in range(per_class):
-            folder = root / kind if labelled else root / f"batch{i % 3}" / ("deeper" if i % 2 else "")
-            folder.mkdir(parents=True, exist_ok=True)
-            shape_image(kind, color, rng, size).save(folder / f"{kind}_{i}.png")
-    return root
-
-
-def write_shards(folder: Path, root: Path, shards: int = 2) -> list[Path]:
-    """Webdataset shards of the labelled folder ``root``: ``<key>.png`` + ``<key>.cls`` per sample."""
-    source = ImageFolderSource(root)
-    paths = [folder / f"shard-{i:04d}.tar" for i in range(shards)]
-    tars = [tarfile.open(p, "w") for p in paths]
-    for i, (path, label) in enumerate(source.samples):
-        tar = tars[i % shards]
-        for ext, data in (("png", path.read_bytes()), ("cls", str(label).encode())):
-            info = tarfile.TarInfo(f"sample{i:05d}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    for t in tars:
-        t.close()
-    return paths
-
+from ornis.train.sampling import StepBatches
+from ornis.train.states import find_latest_states
+from ornis.weights.checkpoint import checkpoint_from_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +41,11 @@ class ToyRecipe(Recipe):
     def __init__(self, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.model = nn.Sequential(
-            nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Dropout(0.2), nn.Flatten(), nn.LayerNorm(8 * 8 * 8),
+            nn.Conv2d(3, 8, 4, stride=4),
+            nn.GELU(),
+            nn.Dropout(0.2),
+            nn.Flatten(),
+            nn.LayerNorm(8 * 8 * 8),
             nn.Linear(8 * 8 * 8, 3),
         )
         self.model.size = (32, 32)
@@ -115,7 +74,9 @@ class ToyRecipe(Recipe):
 
 
 def toy_dataset(root: Path) -> SampleDataset:
-    return SampleDataset(open_source(root, labelled=True), train_transform(32, STATS, scale=(0.5, 1.0), auto_augment="trivialaugment"))
+    return SampleDataset(
+        open_source(root, labelled=True), train_transform(32, STATS, scale=(0.5, 1.0), auto_augment="trivialaugment")
+    )
 
 
 # -- optim.py -------------------------------------------------------------------------------------------------------
@@ -141,17 +102,31 @@ def test_param_groups_decay_exclusions_and_layer_decay():
     groups = param_groups(net, weight_decay=0.05, layer_decay=0.5)
     by_name = {name: g for g in groups for name in g["names"]}
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
-    for name in ("pos_embedding", "class_token", "encoder.block.0.attn.qkv.bias", "encoder.block.0.layer_scale_1.gamma", "norm.weight"):
+    for name in (
+        "pos_embedding",
+        "class_token",
+        "encoder.block.0.attn.qkv.bias",
+        "encoder.block.0.layer_scale_1.gamma",
+        "norm.weight",
+    ):
         assert by_name[name]["weight_decay"] == 0.0, name
     assert by_name["encoder.block.0.attn.qkv.weight"]["weight_decay"] == 0.05
     assert by_name["conv_proj.weight"]["lr_scale"] == pytest.approx(0.125)  # 0.5 ** (3 - 0)
     assert by_name["encoder.block.1.mlp.0.weight"]["lr_scale"] == pytest.approx(0.5)
     assert by_name["classifier.weight"]["lr_scale"] == pytest.approx(1.0)
     # Hiera's blocks are numbered per stage (body.stage<k>.<i>): counted as one sequence over the stages
-    hiera = build_model("hiera_abswin_tiny", num_classes=2, size=64, config={"depths": (1, 2, 1, 1), "embed_dim": 16, "num_heads": 1})
+    hiera = build_model(
+        "hiera_abswin_tiny", num_classes=2, size=64, config={"depths": (1, 2, 1, 1), "embed_dim": 16, "num_heads": 1}
+    )
     ids, n = layer_ids(hiera)
     assert n == 6 and ids["pos_embed_win"] == 0 and ids["stem.proj.weight"] == 0
-    assert [ids[f"body.{b}.attn.qkv.weight"] for b in ("stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage4.0")] == [1, 2, 3, 4, 5]
+    assert [ids[f"body.{b}.attn.qkv.weight"] for b in ("stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage4.0")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     assert ids["features.1.weight"] == 6 and ids["classifier.weight"] == 6
 
 
@@ -178,7 +153,9 @@ def test_step_batches_same_samples_for_any_number_of_ranks():
         parts = [k for s in split for m in range(2) for k in s.keys(step, m)]
         assert parts == single.keys(step, 0)
     # the first 20 stream positions are epoch 0: every sample once
-    first_epoch = [k.index for step in range(2) for k in single.keys(step, 0)] + [k.index for k in single.keys(2, 0)[:4]]
+    first_epoch = [k.index for step in range(2) for k in single.keys(step, 0)] + [
+        k.index for k in single.keys(2, 0)[:4]
+    ]
     assert sorted(first_epoch) == list(range(20))
     # resuming at step 6 yields what an uninterrupted sampler yields from step 6
     assert list(StepBatches(20, cfg, 6, 10, 0, 1)) == list(single)[6:]
@@ -236,7 +213,7 @@ def test_loader_workers_do_not_change_the_numbers(shapes):
     """Augmentations are seeded per sample, not per worker: 2 loader processes give the losses of 0."""
     ds = toy_dataset(shapes)
     base = dict(steps=3, batch_size=6, log_every=0)
-    inline = run(ToyRecipe(), ds, TrainConfig(**base))
+    inline = run(ToyRecipe(), ds, TrainConfig(**base, num_workers=0))
     workers = run(ToyRecipe(), ds, TrainConfig(**base, num_workers=2))
     assert workers.losses == inline.losses
 
@@ -281,13 +258,13 @@ def test_bf16_autocast_and_nonfinite_loss(shapes):
         run(bad, ds, TrainConfig(steps=1, batch_size=6, log_every=0))
 
 
-def test_encoder_checkpoint_records_config_overrides(tmp_path):
+def test_checkpoint_from_model_records_config_overrides(tmp_path):
     import ornis
     from ornis.models import build_model
     from ornis.weights.checkpoint import write_checkpoint
 
     net = build_model("vit_t16", num_classes=3, size=32, config=TINY_VIT)
-    ckpt = encoder_checkpoint(net, {"a": 0, "b": 1, "c": 2}, STATS)
+    ckpt = checkpoint_from_model(net, class_to_idx={"a": 0, "b": 1, "c": 2}, rgb_stats=STATS)
     assert ckpt.network == "vit_t16" and ckpt.config == TINY_VIT and ckpt.size == (32, 32) and ckpt.num_classes == 3
     path = write_checkpoint(ckpt, tmp_path / "x.pt")
     loaded, info = ornis.load_pretrained_model(path, inference=True)

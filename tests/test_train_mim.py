@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_loop import (
-    STATS,
-    TINY_VIT,
-    make_shapes,
-)
+from support.training import STATS, TINY_VIT, make_shapes
 
 import ornis
-from ornis.train.loop import TrainConfig
+from ornis.train.config import TrainConfig
 from ornis.train.mim import (
     MaskedAutoencoder,
     MIMOptions,
@@ -74,8 +70,10 @@ def test_encoder_sees_only_the_visible_tokens():
     from ornis.models import build_model
 
     torch.manual_seed(0)
-    for net, size in ((build_model("vit_t16", size=32, config=TINY_VIT), 32),
-                      (build_model("hiera_abswin_tiny", size=64, config=TINY_HIERA), 64)):
+    for net, size in (
+        (build_model("vit_t16", size=32, config=TINY_VIT), 32),
+        (build_model("hiera_abswin_tiny", size=64, config=TINY_HIERA), 64),
+    ):
         mae = MaskedAutoencoder(net, **DECODER, mask_ratio=0.5).eval()
         units = mae.units_grid
         unit_mask = random_unit_mask(2, units[0] * units[1], 0.5, torch.device("cpu"))
@@ -87,7 +85,7 @@ def test_encoder_sees_only_the_visible_tokens():
         y = x.clone()
         for b in range(2):
             i = int(token_mask[b].nonzero()[0])
-            y[b, :, (i // g) * p:(i // g + 1) * p, (i % g) * p:(i % g + 1) * p] += 5.0
+            y[b, :, (i // g) * p : (i // g + 1) * p, (i % g) * p : (i % g + 1) * p] += 5.0
         with torch.no_grad():
             a, c = mae.encode_visible(x, token_mask), mae.encode_visible(y, token_mask)
         assert a.shape[1] == int((~token_mask[0]).sum())
@@ -97,9 +95,13 @@ def test_encoder_sees_only_the_visible_tokens():
 @pytest.mark.parametrize("arch", ["vit", "hiera"])
 def test_loss_goes_down_on_an_unlabelled_folder(tmp_path, photos_folder, arch):
     if arch == "vit":
-        opts = MIMOptions(train=photos_folder, arch="vit_t16", size=32, model_config=TINY_VIT, mask_ratio=0.5, **DECODER)
+        opts = MIMOptions(
+            train=photos_folder, arch="vit_t16", size=32, model_config=TINY_VIT, mask_ratio=0.5, **DECODER
+        )
     else:
-        opts = MIMOptions(train=photos_folder, arch="hiera_abswin_tiny", size=64, model_config=TINY_HIERA, mask_ratio=0.5, **DECODER)
+        opts = MIMOptions(
+            train=photos_folder, arch="hiera_abswin_tiny", size=64, model_config=TINY_HIERA, mask_ratio=0.5, **DECODER
+        )
     cfg = TrainConfig(steps=24, batch_size=12, lr=3e-3, warmup_steps=3, output_dir=tmp_path, log_every=0)
     result = train_mim(opts, cfg)
     losses = [result.losses[s] for s in range(24)]
@@ -117,8 +119,17 @@ def test_loss_goes_down_on_an_unlabelled_folder(tmp_path, photos_folder, arch):
 
         from ornis.cli.main import main
 
-        assert main(["embed", "-m", str(result.checkpoint), str(photos_folder), "-o", str(tmp_path / "emb"),
-                     "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+        options = "--workers 0 --device cpu --no-progress"
+        embed = [
+            "embed",
+            "-m",
+            str(result.checkpoint),
+            str(photos_folder),
+            "-o",
+            str(tmp_path / "emb"),
+            *options.split(),
+        ]
+        assert main(embed) == 0
         table = pq.read_table(tmp_path / "emb" / "part-00000.parquet")
         assert table.num_rows == 36 and table.schema.field("embedding").type.list_size == net.embedding_size
 
@@ -146,11 +157,12 @@ def test_resume_gives_the_same_losses_and_continue_from_a_checkpoint(tmp_path, p
 def test_cli_train_mim(tmp_path, photos_folder):
     from ornis.cli.main import main
 
-    code = main([
-        "train", "mim", str(photos_folder), "--arch", "vit_t16", "--size", "32", "--model-config", json.dumps(TINY_VIT),
-        "--mask-ratio", "0.5", "--mask-unit", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-        "--steps", "2", "--batch-size", "4", "--workers", "0", "-o", str(tmp_path), "--log-every", "1", "--device", "cpu",
-    ])
+    options = "--arch vit_t16 --size 32 --mask-ratio 0.5 --mask-unit 2 --decoder-dim 32 --decoder-depth 1"
+    more = "--decoder-heads 2 --steps 2 --batch-size 4 --workers 0 --log-every 1 --device cpu"
+    code = main(
+        ["train", "mim", str(photos_folder), *options.split(), *more.split()]
+        + ["--model-config", json.dumps(TINY_VIT), "-o", str(tmp_path)]
+    )
     assert code == 0
     assert (tmp_path / "vit_t16_mim.pt").is_file() and (tmp_path / "vit_t16_mim_s2_states.pt").is_file()
     states = torch.load(tmp_path / "vit_t16_mim_s2_states.pt", weights_only=True)

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_loop import (
-    STATS,
-    TINY_VIT,
-    make_shapes,
-    write_shards,
-)
+from support.training import STATS, TINY_VIT, make_shapes, write_shards
 
 import ornis
+from ornis.train.config import TrainConfig
 from ornis.train.data import SampleDataset, eval_transform, open_source, train_transform
-from ornis.train.loop import TrainConfig, run
+from ornis.train.loop import run
 from ornis.train.supervised import ClassifyOptions, ClassifyRecipe, evaluate_topk, train_classifier
 
 CLASSES = {"circle": 0, "square": 1, "triangle": 2}
@@ -32,8 +28,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_loss_goes_down_and_validation_top1(tmp_path, data):
     train, val = data
-    opts = ClassifyOptions(train=train, val=val, arch="vit_t16", size=32, model_config=TINY_VIT, auto_augment=None,
-                           crop_scale=(0.5, 1.0), label_smoothing=0.0)
+    opts = ClassifyOptions(
+        train=train,
+        val=val,
+        arch="vit_t16",
+        size=32,
+        model_config=TINY_VIT,
+        auto_augment=None,
+        crop_scale=(0.5, 1.0),
+        label_smoothing=0.0,
+    )
     cfg = TrainConfig(steps=25, batch_size=12, lr=3e-3, warmup_steps=3, output_dir=tmp_path, log_every=5, seed=0)
     result, metrics = train_classifier(opts, cfg)
     losses = [result.losses[s] for s in range(25)]
@@ -88,14 +92,21 @@ def test_fine_tune_a_checkpoint_on_new_classes_from_shards(tmp_path, data):
     with torch.no_grad():
         for p in pre.parameters():
             p.normal_(0, 0.05)
-    start = ornis.save_model(pre, tmp_path / "pretrained.pt", class_to_idx={f"old{i}": i for i in range(5)}, rgb_stats=STATS,
-                             config=TINY_VIT)
+    start = ornis.save_model(
+        pre, tmp_path / "pretrained.pt", class_to_idx={f"old{i}": i for i in range(5)}, rgb_stats=STATS, config=TINY_VIT
+    )
     shards = write_shards(tmp_path, data[0], shards=2)
     opts = ClassifyOptions(train=[str(s) for s in shards], weights=start, auto_augment=None, label_smoothing=0.0)
-    result, metrics = train_classifier(opts, TrainConfig(steps=2, batch_size=6, lr=1e-4, output_dir=tmp_path / "out", log_every=0))
+    result, metrics = train_classifier(
+        opts, TrainConfig(steps=2, batch_size=6, lr=1e-4, output_dir=tmp_path / "out", log_every=0)
+    )
     assert metrics is None
     net, info = ornis.load_pretrained_model(result.checkpoint)
-    assert net.num_classes == 3 and info.class_to_idx == {"0": 0, "1": 1, "2": 2} and info.rgb_stats == {k: list(v) for k, v in STATS.items()}
+    assert (
+        net.num_classes == 3
+        and info.class_to_idx == {"0": 0, "1": 1, "2": 2}
+        and info.rgb_stats == {k: list(v) for k, v in STATS.items()}
+    )
     old = pre.state_dict()
     new = net.state_dict()
     drift = max(float((old[k] - new[k]).abs().max()) for k in old if not k.startswith("classifier"))
@@ -107,16 +118,25 @@ def test_cli_train_classify(tmp_path, data):
     from ornis.cli.main import main
 
     train, val = data
-    code = main([
-        "train", "classify", str(train), "--val", str(val), "--arch", "vit_t16", "--size", "32",
-        "--model-config", json.dumps(TINY_VIT), "--steps", "3", "--batch-size", "6", "--workers", "0",
-        "--mixup", "0.2", "--cutmix", "1.0", "--aug", "trivialaugment", "--checkpoint-every", "2",
-        "-o", str(tmp_path), "--log-every", "1", "--device", "cpu",
-    ])
+    options = (
+        "--arch vit_t16 --size 32 --steps 3 --batch-size 6 --workers 0 --mixup 0.2 --cutmix 1.0 --aug trivialaugment"
+    )
+    more = "--checkpoint-every 2 --log-every 1 --device cpu"
+    code = main(
+        ["train", "classify", str(train), "--val", str(val), *options.split(), *more.split()]
+        + ["--model-config", json.dumps(TINY_VIT), "-o", str(tmp_path)]
+    )
     assert code == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["log.jsonl", "val_metrics.json", "vit_t16_classify.pt", "vit_t16_classify_s2.pt",
-                     "vit_t16_classify_s2_states.pt", "vit_t16_classify_s3.pt", "vit_t16_classify_s3_states.pt"]
+    assert names == [
+        "log.jsonl",
+        "val_metrics.json",
+        "vit_t16_classify.pt",
+        "vit_t16_classify_s2.pt",
+        "vit_t16_classify_s2_states.pt",
+        "vit_t16_classify_s3.pt",
+        "vit_t16_classify_s3_states.pt",
+    ]
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
     metrics = json.loads((tmp_path / "val_metrics.json").read_text())
     assert 0.0 <= metrics["top1"] <= metrics["top5"] == 1.0  # 3 classes: top-5 counts all of them

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import RGB_STATS, birder_checkpoint, scale_err
 
 import ornis
-from conftest import RGB_STATS, birder_checkpoint, scale_err
 from ornis.inference.classification import infer_image
 
 TOL = 1e-5  # max |ours - reference| relative to the reference's scale, fp32
@@ -69,7 +69,8 @@ def test_parity_on_photos(model, request, photos) -> None:
         assert scale_err(net.embedding(x), ref.embedding(x)) < TOL
         ours, theirs = net.detection_features(x), ref.detection_features(x)
         # The cards name a plain ViT's map "neck"; the reference 0.8.4 calls it "stage1"
-        assert list(ours) == ["neck"] and ours["neck"].shape == (2, net.embedding_size, *[s // net.patch_size for s in size])
+        grid = [s // net.patch_size for s in size]
+        assert list(ours) == ["neck"] and ours["neck"].shape == (2, net.embedding_size, *grid)
         assert scale_err(ours["neck"], theirs["stage1"]) < TOL
     for photo in photos[:2]:
         out, emb = infer_image(net, photo, transform, return_embedding=True)
@@ -153,7 +154,9 @@ def test_round_trip_through_our_writer(tmp_path, vit_nps) -> None:
     _, net, info = vit_nps
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     for suffix in (".pt", ".safetensors"):
-        path = ornis.save_model(net, tmp_path / f"copy{suffix}", class_to_idx=info.class_to_idx, rgb_stats=info.rgb_stats)
+        path = ornis.save_model(
+            net, tmp_path / f"copy{suffix}", class_to_idx=info.class_to_idx, rgb_stats=info.rgb_stats
+        )
         again, again_info = ornis.load_pretrained_model(path, inference=True)
         assert again.name == net.name and again_info.class_to_idx == info.class_to_idx
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))

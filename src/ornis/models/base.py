@@ -60,10 +60,20 @@ def normalize_indices(indices: int | Sequence[int] | None, count: int, what: str
 
 
 class Encoder(nn.Module):
-    """Base class of every family. Subclasses set the attributes below and implement the abstract methods."""
+    """Base class of every family. Subclasses set the attributes below and implement the abstract methods.
+
+    Besides the feature API, an encoder declares the facts training recipes need, so that a recipe asks the model
+    and never tests its family (timm's ``no_weight_decay`` / ``group_matcher``, Birder's ``stem_width`` /
+    ``max_stride``): its strides and stem width, the parameters without weight decay, its repeated ``blocks`` (for
+    FSDP wrapping and activation checkpointing) and the layer group of every parameter (layer-wise lr decay).
+    Masked forwards are capabilities (``ornis.models.capabilities``).
+    """
 
     family: ClassVar[str]
     task: ClassVar[str] = "image_classification"
+    # Top-level attributes holding what runs before the first block (layer group 0): patch embedding, tokens,
+    # position embeddings
+    stem_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
         super().__init__()
@@ -72,13 +82,18 @@ class Encoder(nn.Module):
         self.num_classes = num_classes
         self.size = (int(size[0]), int(size[1]))
         self.input_channels = 3
+        self.grad_checkpointing = False
         self.embedding_size: int
         self.return_stages: list[str]
         self.return_channels: list[int]
         self.classifier: nn.Module
+        self.stem_stride: int  # pixels per stem token (the patch size of a ViT)
+        self.stem_width: int  # channels of the stem's tokens (what a mask token replaces)
+        self.max_stride: int  # pixels per position of the coarsest feature map
 
     # -- classification head -------------------------------------------------------------------------------
     def create_classifier(self, num_classes: int) -> nn.Module:
+        """A linear head from the embedding to ``num_classes`` logits (the identity for 0)."""
         return nn.Linear(self.embedding_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -87,34 +102,79 @@ class Encoder(nn.Module):
         self.classifier = self.create_classifier(num_classes)
 
     def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits from an embedding (the head alone)."""
         return self.classifier(embedding)
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Logits: ``classify(embedding(x))``."""
         return self.classify(self.embedding(x, **kwargs))
 
     # -- to implement ----------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final tokens (layout per family)."""
         raise NotImplementedError
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding, (B, ``embedding_size``)."""
         raise NotImplementedError
 
     def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{stage name: (B, C, h, w)}`` for the stages in ``return_stages``."""
         raise NotImplementedError
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False) -> Features:
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+    ) -> Features:
+        """Chosen intermediate outputs and the final tokens as ``Features``."""
         raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run (FSDP shards and checkpointing recompute one at a time)."""
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that are positions or learned tokens, not weights: decaying them towards 0 only
+        hurts (ViT, MAE, DINOv2). Biases and norms (1-D) are left to the optimizer's own rule."""
+        return set()
 
     def adjust_size(self, new_size: tuple[int, int]) -> None:
         """Re-base the model on another input size once, after the weights are loaded."""
         self.size = (int(new_size[0]), int(new_size[1]))
+
+    # -- training facts -------------------------------------------------------------------------------------------
+    @property
+    def patch_size_range(self) -> tuple[int, int] | None:
+        """(smallest, largest) patch size a FlexiViT-style model may be run with per call; None for a fixed stem."""
+        return None
+
+    @property
+    def num_layer_groups(self) -> int:
+        """Layer groups for layer-wise lr decay: the stem, one per block, and everything after the last block."""
+        return len(self.blocks()) + 2
+
+    def layer_id(self, param_name: str) -> int:
+        """The layer group of a parameter: 0 for the stem (``stem_names``), i + 1 inside block i, and
+        ``num_layer_groups - 1`` for everything after the last block (final norm, head)."""
+        if param_name.split(".", 1)[0] in self.stem_names:
+            return 0
+        index = {id(blk): i for i, blk in enumerate(self.blocks())}
+        for prefix, module in self.named_modules():
+            if id(module) in index and param_name.startswith(prefix + "."):
+                return index[id(module)] + 1
+        return self.num_layer_groups - 1
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (memory for compute)."""
+        self.grad_checkpointing = enable
 
     # -- compatibility -------------------------------------------------------------------------------------------
     def set_dynamic_size(self, dynamic_size: bool = True) -> None:
         """Kept for the reference's API: ornis encoders always accept other input sizes."""
 
     def config_dict(self) -> dict[str, Any]:
+        """The config as a plain dictionary."""
         return dataclasses.asdict(self.config)
 
     def extra_repr(self) -> str:
+        """Name, size and classes in ``repr(net)``."""
         return f"name={self.name!r}, size={self.size}, num_classes={self.num_classes}"

@@ -24,20 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ornis.models.base import Encoder, Features, normalize_indices
-from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid, run_stages
+from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout
+from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid
 from ornis.models.registry import register_model
 
-PATCH_STRIDE = 4
 MASK_UNIT = 8  # tokens per side of a mask unit
 Q_STRIDE = 2  # per side; a pooled query merges Q_STRIDE**2 tokens
-Q_POOL = 3  # poolings, at the starts of stages 2, 3 and 4
 MASK_UNIT_ATTN = (True, True, False, False)  # per stage
-TOTAL_STRIDE = PATCH_STRIDE * Q_STRIDE**Q_POOL  # 32
 
 
 @dataclass(frozen=True)
 class HieraConfig:
+    """A Hiera variant: depths of the four stages, the first stage's width and heads, the position embedding."""
+
     # Field names are the reference's config keys, so a checkpoint's "config" applies as it is
     depths: tuple[int, ...]
     embed_dim: int
@@ -49,6 +49,8 @@ class HieraConfig:
 
 @dataclass(frozen=True)
 class BlockPlan:
+    """One block's shape: widths in and out, heads, query pooling, mask-unit size, attention kind, drop-path."""
+
     dim: int
     dim_out: int
     heads: int
@@ -81,17 +83,6 @@ def block_plans(cfg: HieraConfig) -> list[list[BlockPlan]]:
     return stages
 
 
-class ConvStem(nn.Module):
-    """7x7 / stride 4 convolution (``stem.proj``), shared with HieraDet."""
-
-    def __init__(self, in_channels: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=7, stride=PATCH_STRIDE, padding=3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 class MaskUnitAttention(nn.Module):
     """Attention within each mask unit (or over all tokens), with the queries max-pooled first where the block
     opens a stage. Every (head, mask unit) pair is one batch entry of a single 4-D SDPA call."""
@@ -110,6 +101,7 @@ class MaskUnitAttention(nn.Module):
         self.proj = nn.Linear(plan.dim_out, plan.dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) unrolled tokens -> (B, N / q_stride, dim_out)."""
         B, N, _ = x.shape
         # The window index is the fastest-varying one in the unrolled layout; under token masking N counts only
         # the kept mask units, and so does `windows`
@@ -126,6 +118,8 @@ class MaskUnitAttention(nn.Module):
 
 
 class HieraBlock(nn.Module):
+    """Pre-norm attention + MLP block; a stage-opening block projects and max-pools its shortcut too."""
+
     def __init__(self, plan: BlockPlan) -> None:
         super().__init__()
         self.q_stride = plan.q_stride
@@ -137,6 +131,7 @@ class HieraBlock(nn.Module):
         self.drop_path = DropPath(plan.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) -> (B, N / q_stride, dim_out)."""
         x_norm = self.norm1(x)
         if self.proj is not None:
             x = self.proj(x_norm)
@@ -146,7 +141,10 @@ class HieraBlock(nn.Module):
 
 
 class AvgTokens(nn.Module):
+    """The mean over the token axis: (B, N, C) -> (B, C)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, C)."""
         return x.mean(dim=1)
 
 
@@ -182,14 +180,17 @@ def reroll(x: torch.Tensor, levels: int, units: tuple[int, int] | None) -> torch
     return x.permute(0, 2 * levels + 3, 2 * levels + 1, *sy, 2 * levels + 2, *sx).reshape(B, C, h * m, w * m)
 
 
-class Hiera(Encoder):
+class Hiera(HierarchicalEncoder, MaskedTokenOmission):
+    """Hiera over the unrolled token layout of the module docstring. Masked image modelling leaves out whole mask
+    units (32 x 32 pixels): ``masked_omission`` (the capability), ``masked_encoding`` and
+    ``masked_encoding_omission`` (the reference's API)."""
+
     family = "hiera"
+    default_mask_ratio = 0.6  # Hiera's paper (and the reference) hide 0.6 of the mask units
 
     def __init__(self, config: HieraConfig, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
         super().__init__(config, num_classes, size, name)
         cfg = config
-        check_size(self.name, self.size)
-        self.stem = ConvStem(3, cfg.embed_dim)
         grid = self.token_grid
         if cfg.abs_win_pos_embed:
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, self.size[0] // 16, self.size[1] // 16))
@@ -206,10 +207,8 @@ class Hiera(Encoder):
         )
         final_dim = plans[-1][-1].dim_out
         self.features = nn.Sequential(AvgTokens(), nn.LayerNorm(final_dim, eps=1e-6))
-        self.grad_checkpointing = False
 
         self.embedding_size = final_dim
-        self.return_stages = ["stage1", "stage2", "stage3", "stage4"]
         self.return_channels = [stage[-1].dim_out for stage in plans]
         self.classifier = self.create_classifier(num_classes)
         self._init_weights()
@@ -234,15 +233,18 @@ class Hiera(Encoder):
 
     @property
     def token_grid(self) -> tuple[int, int]:
-        return (self.size[0] // PATCH_STRIDE, self.size[1] // PATCH_STRIDE)
+        """The stem's token grid at the model's size."""
+        return (self.size[0] // STEM_STRIDE, self.size[1] // STEM_STRIDE)
 
     @property
     def mask_spatial_shape(self) -> tuple[int, int]:
         """The mask-unit grid at the model's size (what MIM masks are drawn on)."""
         return (self.size[0] // TOTAL_STRIDE, self.size[1] // TOTAL_STRIDE)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    @property
+    def final_norm(self) -> nn.Module:
+        """The LayerNorm after the token average."""
+        return self.features[1]
 
     # -- tokens ------------------------------------------------------------------------------------------------
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -256,7 +258,7 @@ class Hiera(Encoder):
         background = F.interpolate(self.pos_embed.float(), size=grid, mode="bicubic", antialias=True)
         return background.to(window.dtype) + window
 
-    def _tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Stem, position embedding, unroll; with ``keep`` (B, K) sorted mask-unit indices, only those units'
         tokens (and the image outside the others is zeroed before the stem, as the reference does)."""
         check_size(self.name, x.shape[-2:])
@@ -276,61 +278,42 @@ class Hiera(Encoder):
             tokens = tokens.view(B, per_unit, units[0] * units[1], -1)
             index = keep[:, None, :, None].expand(-1, per_unit, -1, tokens.shape[-1])
             tokens = tokens.gather(2, index).reshape(B, -1, tokens.shape[-1])
-        return tokens, units
-
-    def _run_stages(
-        self, x: torch.Tensor, last: int, keep: Sequence[int] = ()
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return run_stages(self.body.children(), x, last, keep, self.grad_checkpointing)
+        return tokens
 
     @staticmethod
     def _levels_left(stage: int) -> int:
         return max(0, Q_POOL - stage)  # stage is 0-based
 
-    def _stage_map(self, tokens: torch.Tensor, stage: int, units: tuple[int, int]) -> torch.Tensor:
+    def _stage_map(self, tokens: torch.Tensor, stage: int, input_hw: tuple[int, int]) -> torch.Tensor:
+        units = (input_hw[0] // TOTAL_STRIDE, input_hw[1] // TOTAL_STRIDE)
         return reroll(tokens, self._levels_left(stage), units)
 
-    # -- public API --------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's tokens (B, H/32 * W/32, C) in row-major order, before the final norm."""
-        tokens, _ = self._tokens(x)
-        return self._run_stages(tokens, len(self.body) - 1)[0]
+    # -- token omission (masked image modelling) ---------------------------------------------------------------
+    def _kept_unit_stages(self, x: torch.Tensor, keep: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
+        """The kept units' outputs of ``stages`` as (B, K, m, m, C) patches; ``keep`` (B, K) ascending."""
+        _, kept = self._run_stages(self._tokens(x, keep), max(stages), stages)
+        return [reroll(kept[i], self._levels_left(i), None) for i in stages]
 
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of the last stage's tokens, then the final LayerNorm."""
-        return self.features(self.forward_features(x))
+    def omission_layout(self, size: tuple[int, int]) -> OmissionLayout:
+        """Cells are the 8 x 8-token (32-pixel) mask units; every stage is an output, a unit being m x m positions
+        of it (8 in the first stage, 1 in the last)."""
+        grid = (int(size[0]) // TOTAL_STRIDE, int(size[1]) // TOTAL_STRIDE)
+        sides = tuple(2 ** self._levels_left(i) for i in range(len(self.body)))
+        return OmissionLayout(grid, TOTAL_STRIDE, MASK_UNIT, tuple(self.return_channels), sides)
 
-    def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{stage name: (B, C, H/s, W/s)}`` for the stages in ``self.return_stages`` (later stages not run)."""
-        names = [f"stage{i + 1}" for i in range(len(self.body))]
-        wanted = [i for i, n in enumerate(names) if n in self.return_stages]
-        if not wanted:
-            return {}
-        tokens, units = self._tokens(x)
-        _, kept = self._run_stages(tokens, max(wanted), wanted)
-        return {names[i]: self._stage_map(kept[i], i, units) for i in wanted}
+    def masked_omission(self, x: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output for the visible mask units (MAE-Hiera's multi-scale input), see
+        ``MaskedTokenOmission``."""
+        B = hidden.shape[0]
+        # Ascending per row. nonzero() syncs with the host (the count is data); masked_encoding_omission with
+        # ids_keep does not
+        keep = (~hidden.bool()).nonzero(as_tuple=True)[1].view(B, -1)
+        return self._kept_unit_stages(x, keep, range(len(self.body)))
 
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
-    ) -> Features:
-        """Chosen stages' outputs as NCHW maps keyed ``stage{i + 1}`` (``indices`` are 0-based stage positions,
-        negative from the end; an int n means the last n stages). ``norm=True`` applies the final LayerNorm to the
-        last stage's map (the only one of its width). ``patch_tokens``: the last stage with the final norm applied
-        per token."""
-        stages = normalize_indices(indices, len(self.body), "stage")
-        last = len(self.body) - 1
-        tokens, units = self._tokens(x)
-        final, kept = self._run_stages(tokens, last, stages)
-        final_norm = self.features[1]
-        maps = {}
-        for i in stages:
-            out = final_norm(kept[i]) if norm and i == last else kept[i]
-            maps[f"stage{i + 1}"] = self._stage_map(out, i, units)
-        return Features(
-            maps=maps, patch_tokens=self._stage_map(final_norm(final), last, units), embedding=self.features(final)
-        )
+    def omission_unused_modules(self) -> list[nn.Module]:
+        """The pooled embedding's final norm: the masked path returns stage outputs, unpooled."""
+        return [self.features]
 
-    # -- token masking (masked image modelling) ------------------------------------------------------------------
     def masked_encoding_omission(
         self,
         x: torch.Tensor,
@@ -338,14 +321,13 @@ class Hiera(Encoder):
         return_all_features: bool = False,
         return_keys: Literal["all", "tokens", "embedding"] = "tokens",
     ) -> dict[str, torch.Tensor]:
-        """Encode only the mask units in ``ids_keep`` (B, K) (indices into the row-major mask-unit grid, H/32 x
-        W/32, any order): ``{"tokens": (B, K, C), "embedding": (B, C)}`` as ``return_keys`` asks. Tokens come in
-        increasing mask-unit order, like the reference's."""
+        """The reference's API: encode only the mask units in ``ids_keep`` (B, K) (indices into the row-major
+        mask-unit grid, H/32 x W/32, any order): ``{"tokens": (B, K, C), "embedding": (B, C)}`` as ``return_keys``
+        asks. Tokens come in increasing mask-unit order, like the reference's."""
         if return_all_features:
             raise ValueError("return_all_features is not supported by Hiera")
         keep = None if ids_keep is None else ids_keep.sort(dim=1).values
-        tokens, _ = self._tokens(x, keep)
-        tokens = self._run_stages(tokens, len(self.body) - 1)[0]
+        tokens = self._run_stages(self._tokens(x, keep), len(self.body) - 1)[0]
         result: dict[str, torch.Tensor] = {}
         if return_keys in ("all", "tokens"):
             result["tokens"] = tokens
@@ -354,20 +336,12 @@ class Hiera(Encoder):
         return result
 
     def masked_encoding(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """MAE-Hiera's encoder pass. ``mask`` (B, units): 1 = masked (dropped), the same count in every row.
-
-        Returns, for each stage in ``return_stages``, the kept units' tokens as (B, K, m, m, C) patches, and the
-        boolean keep mask (B, units), as the reference does."""
+        """The reference's MAE-Hiera encoder pass. ``mask`` (B, units): 1 = masked (dropped), the same count in
+        every row. Returns, for each stage in ``return_stages``, the kept units' tokens as (B, K, m, m, C)
+        patches, and the boolean keep mask (B, units), as the reference does."""
         keep_mask = (1 - mask).bool()
-        B = keep_mask.shape[0]
-        # Ascending per row. nonzero() syncs with the host (the count is data); masked_encoding_omission with
-        # ids_keep does not
-        keep = keep_mask.nonzero(as_tuple=True)[1].view(B, -1)
-        tokens, _ = self._tokens(x, keep)
-        names = [f"stage{i + 1}" for i in range(len(self.body))]
-        wanted = [i for i, n in enumerate(names) if n in self.return_stages]
-        _, kept = self._run_stages(tokens, max(wanted), wanted)
-        return [reroll(kept[i], self._levels_left(i), None) for i in wanted], keep_mask
+        keep = keep_mask.nonzero(as_tuple=True)[1].view(keep_mask.shape[0], -1)
+        return self._kept_unit_stages(x, keep, self._returned_stages()), keep_mask
 
     def adjust_size(self, new_size: tuple[int, int]) -> None:
         """Re-base the stored position table on another input size (bicubic with antialias, as the reference)."""
@@ -381,16 +355,10 @@ class Hiera(Encoder):
                     self.pos_embed.float(), size=(new_size[0] // 16, new_size[1] // 16), mode="bicubic", antialias=True
                 ).to(self.pos_embed.dtype)
             else:
-                new_grid = (new_size[0] // PATCH_STRIDE, new_size[1] // PATCH_STRIDE)
+                new_grid = (new_size[0] // STEM_STRIDE, new_size[1] // STEM_STRIDE)
                 table = interpolate_grid(self.pos_embed, self.token_grid, new_grid, antialias=True)
         self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
         super().adjust_size(new_size)
-
-
-def check_size(name: str, size: Sequence[int]) -> None:
-    H, W = int(size[0]), int(size[1])
-    if H % TOTAL_STRIDE or W % TOTAL_STRIDE or H <= 0 or W <= 0:
-        raise ValueError(f"{name}: input size {H}x{W} is not a positive multiple of {TOTAL_STRIDE} on both sides")
 
 
 # (depths, embed_dim, num_heads, drop_path_rate) as the reference registers them

@@ -18,7 +18,6 @@ Input sides must be multiples of 32; any such size works per call.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,18 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ornis.models.base import Encoder, Features, normalize_indices
-from ornis.models.hiera import ConvStem, check_size
-from ornis.models.layers import DropPath, Mlp, drop_path_rates, run_stages
+from ornis.models.capabilities import MaskedTokenRetention, RetainedTokens
+from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
+from ornis.models.layers import DropPath, Mlp, drop_path_rates
 from ornis.models.registry import register_model
-
-Q_POOL = 3  # 2x2 query poolings, at the starts of stages 2, 3 and 4
-STEM_STRIDE = 4
-TOTAL_STRIDE = STEM_STRIDE * 2**Q_POOL  # 32
 
 
 @dataclass(frozen=True)
 class HieraDetConfig:
+    """A HieraDet variant: stage depths, first-stage width and heads, the background position table's size, the
+    globally attending blocks and the per-stage windows."""
+
     # Field names are the reference's config keys, so a checkpoint's "config" applies as it is
     depths: tuple[int, ...]
     embed_dim: int
@@ -85,6 +83,7 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
 
 
 def window_unpartition(windows: torch.Tensor, batch: int, padded: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """Undo ``window_partition``: (B * windows, w, w, C) -> (B, H, W, C), the padding cut off."""
     window = windows.shape[1]
     Hp, Wp = padded
     x = windows.view(batch, Hp // window, Wp // window, window, window, -1).transpose(2, 3)
@@ -107,6 +106,7 @@ class MultiScaleAttention(nn.Module):
         self.proj = nn.Linear(dim_out, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, dim) -> (B, H', W', dim_out), H' = H / 2 with query pooling."""
         B, H, W, _ = x.shape
         # Views of one (B, H, W, 3, heads, head_dim) tensor: no copies before SDPA
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
@@ -122,6 +122,8 @@ class MultiScaleAttention(nn.Module):
 
 
 class MultiScaleBlock(nn.Module):
+    """Pre-norm windowed (or global) attention + MLP; a stage-opening block pools its queries and its shortcut."""
+
     def __init__(
         self, dim: int, dim_out: int, num_heads: int, drop_path: float, q_pool: bool, window_size: int
     ) -> None:
@@ -138,6 +140,7 @@ class MultiScaleBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, dim) -> (B, H', W', dim_out)."""
         x_norm = self.norm1(x)
         shortcut = x
         if self.proj is not None:
@@ -157,11 +160,18 @@ class MultiScaleBlock(nn.Module):
 
 
 class SpatialMean(nn.Module):
+    """The mean over positions of a channels-last map: (B, H, W, C) -> (B, C)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, C)."""
         return x.mean(dim=(1, 2))
 
 
-class HieraDet(Encoder):
+class HieraDet(HierarchicalEncoder, MaskedTokenRetention):
+    """SAM 2's trunk over channels-last maps (module docstring). iBOT / DINOv2 masking keeps every position and
+    blanks the masked 32 x 32-pixel cells: ``masked_retention`` (the capability) and ``masked_encoding_retention``
+    (the reference's API)."""
+
     family = "hieradet"
 
     def __init__(
@@ -169,12 +179,10 @@ class HieraDet(Encoder):
     ) -> None:
         super().__init__(config, num_classes, size, name)
         cfg = config
-        check_size(self.name, self.size)
         if len(cfg.depths) != 4 or len(cfg.window_spec) != 4:
             raise ValueError(
                 f"{self.name}: HieraDet needs 4 stages, got depths {cfg.depths}, windows {cfg.window_spec}"
             )
-        self.stem = ConvStem(3, cfg.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, *cfg.global_pos_size))
         self.pos_embed_win = nn.Parameter(torch.zeros(1, cfg.embed_dim, cfg.window_spec[0], cfg.window_spec[0]))
 
@@ -194,19 +202,32 @@ class HieraDet(Encoder):
             self.return_channels.append(dim)
         self.body = nn.Sequential(stages)
         self.features = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), SpatialMean())
-        self.grad_checkpointing = False
 
         self.embedding_size = dim
-        self.return_stages = ["stage1", "stage2", "stage3", "stage4"]
         self.classifier = self.create_classifier(num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # For training from scratch, as SAM 2 and timm's Hiera initialise: truncated normal (std 0.02) weights,
+        # zero biases, identity norms. Skipped on the meta device, where loading a checkpoint builds the model
+        # (every tensor is then replaced, and the init would only cost time)
+        if self.pos_embed.is_meta:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def _blocks(self) -> list[MultiScaleBlock]:
-        return [blk for stage in self.body.children() for blk in stage]
+    @property
+    def final_norm(self) -> nn.Module:
+        """The LayerNorm before the spatial mean."""
+        return self.features[0]
 
     # -- tokens ------------------------------------------------------------------------------------------------
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -229,48 +250,33 @@ class HieraDet(Encoder):
             x = x * (1.0 - m) + (mask_token.expand(B, Y, X, -1) * m if mask_token is not None else 0.0)
         return x + self._pos_embed((x.shape[1], x.shape[2]))
 
-    def _run_stages(
-        self, x: torch.Tensor, last: int, keep: Sequence[int] = ()
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return run_stages(self.body.children(), x, last, keep, self.grad_checkpointing)
+    def _stage_map(self, tokens: torch.Tensor, stage: int, input_hw: tuple[int, int]) -> torch.Tensor:
+        # A permuted view of the channels-last tensor (torch.channels_last memory format), not a copy
+        return tokens.permute(0, 3, 1, 2)
 
-    # -- public API --------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's output, channels-last (B, H/32, W/32, C), before the final norm."""
-        return self._run_stages(self._tokens(x), len(self.body) - 1)[0]
+    # -- token retention (iBOT / DINOv2) -----------------------------------------------------------------------------
+    def _refuse_patch_size(self, patch_size: int | None) -> None:
+        if patch_size is not None:
+            raise ValueError(f"{self.name}: the stem has a fixed stride; there is no patch size to choose")
 
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm, then the mean over positions."""
-        return self.features(self.forward_features(x))
+    def retention_grid(self, size: tuple[int, int], patch_size: int | None = None) -> tuple[int, int]:
+        """The last stage's grid (stride 32): a mask entry blanks the 8 x 8 stem tokens under it."""
+        self._refuse_patch_size(patch_size)
+        return (int(size[0]) // TOTAL_STRIDE, int(size[1]) // TOTAL_STRIDE)
 
-    def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{stage name: (B, C, H/s, W/s)}`` for the stages in ``self.return_stages`` (later stages not run). The
-        maps are permuted views of channels-last tensors (``torch.channels_last`` memory format), not copies."""
-        names = [f"stage{i + 1}" for i in range(len(self.body))]
-        wanted = [i for i, n in enumerate(names) if n in self.return_stages]
-        if not wanted:
-            return {}
-        _, kept = self._run_stages(self._tokens(x), max(wanted), wanted)
-        return {names[i]: kept[i].permute(0, 3, 1, 2) for i in wanted}
+    def masked_retention(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        patch_size: int | None = None,
+    ) -> RetainedTokens:
+        """The pooled embedding and the last stage's positions *before* the final norm, as the reference's DINOv2
+        recipe for hierarchical backbones takes them; see ``MaskedTokenRetention``."""
+        self._refuse_patch_size(patch_size)
+        final = self._run_stages(self._tokens(x, mask, mask_token), len(self.body) - 1)[0]
+        return RetainedTokens(self.features(final), final.flatten(1, 2))
 
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
-    ) -> Features:
-        """Chosen stages' outputs as NCHW maps keyed ``stage{i + 1}`` (``indices`` are 0-based stage positions,
-        negative from the end; an int n means the last n stages). ``norm=True`` applies the final LayerNorm to the
-        last stage's map (the only one of its width). ``patch_tokens``: the last stage after the final norm."""
-        stages = normalize_indices(indices, len(self.body), "stage")
-        last = len(self.body) - 1
-        final, kept = self._run_stages(self._tokens(x), last, stages)
-        final_norm = self.features[0]
-        maps = {
-            f"stage{i + 1}": (final_norm(kept[i]) if norm and i == last else kept[i]).permute(0, 3, 1, 2)
-            for i in stages
-        }
-        normed = final_norm(final)
-        return Features(maps=maps, patch_tokens=normed.permute(0, 3, 1, 2), embedding=normed.mean(dim=(1, 2)))
-
-    # -- token masking (masked image modelling / iBOT) -------------------------------------------------------------
     def masked_encoding_retention(
         self,
         x: torch.Tensor,
@@ -278,9 +284,10 @@ class HieraDet(Encoder):
         mask_token: torch.Tensor | None = None,
         return_keys: Literal["all", "features", "embedding"] = "features",
     ) -> dict[str, torch.Tensor]:
-        """Encode with masked positions kept but blanked: ``mask`` (B, H/32 * W/32), 1 = masked, each entry a
-        32x32-pixel cell; masked stem tokens become ``mask_token`` (C,) or zero, before the position embedding.
-        Returns ``{"features": (B, C, H/32, W/32), "embedding": (B, C)}`` as ``return_keys`` asks."""
+        """The reference's API: encode with masked positions kept but blanked: ``mask`` (B, H/32 * W/32), 1 =
+        masked, each entry a 32x32-pixel cell; masked stem tokens become ``mask_token`` (C,) or zero, before the
+        position embedding. Returns ``{"features": (B, C, H/32, W/32), "embedding": (B, C)}`` as ``return_keys``
+        asks."""
         x = self._run_stages(self._tokens(x, mask, mask_token), len(self.body) - 1)[0]
         result: dict[str, torch.Tensor] = {}
         if return_keys in ("all", "features"):
@@ -296,7 +303,7 @@ class HieraDet(Encoder):
         if new_size == self.size:
             return
         check_size(self.name, new_size)
-        for blk, window in zip(self._blocks(), window_sizes(self.config, new_size)):
+        for blk, window in zip(self.blocks(), window_sizes(self.config, new_size)):
             blk.window_size = window
         super().adjust_size(new_size)
 

@@ -12,13 +12,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils.checkpoint import checkpoint
 
 NormKind = Literal["layernorm", "rmsnorm"]
 
 
 def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
+    """``nn.LayerNorm`` or ``nn.RMSNorm`` over the last ``dim`` channels."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
@@ -34,6 +35,7 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with whole samples dropped (and the rest scaled up) in training."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
@@ -41,6 +43,7 @@ class DropPath(nn.Module):
         return x * mask / keep
 
     def extra_repr(self) -> str:
+        """The drop probability in ``repr``."""
         return f"p={self.p}"
 
 
@@ -58,6 +61,7 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), init_value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * gamma``."""
         return x * self.gamma
 
 
@@ -65,7 +69,12 @@ class Mlp(nn.Sequential):
     """Linear, activation, dropout, linear, dropout: indices 0 and 3 hold the weights (``mlp.0``, ``mlp.3``)."""
 
     def __init__(
-        self, dim: int, hidden_dim: int, act: Callable[[], nn.Module] = nn.GELU, dropout: float = 0.0, out_dim: int | None = None
+        self,
+        dim: int,
+        hidden_dim: int,
+        act: Callable[[], nn.Module] = nn.GELU,
+        dropout: float = 0.0,
+        out_dim: int | None = None,
     ) -> None:
         super().__init__(
             nn.Linear(dim, hidden_dim),
@@ -90,6 +99,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(
@@ -146,7 +156,9 @@ def interpolate_grid(
         return grid
     dim = grid.shape[-1]
     out = grid.float().reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2)
-    out = F.interpolate(out, size=new_hw, mode=mode, antialias=antialias, align_corners=False if mode != "nearest" else None)
+    out = F.interpolate(
+        out, size=new_hw, mode=mode, antialias=antialias, align_corners=False if mode != "nearest" else None
+    )
     return out.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim).to(grid.dtype)
 
 

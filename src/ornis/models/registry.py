@@ -17,16 +17,20 @@ from ornis.models.base import Encoder
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registered architecture: its name, its family's class and its frozen config."""
+
     name: str
     cls: type[Encoder]
     config: Any  # a frozen dataclass of the family
 
     @property
     def family(self) -> str:
+        """The family's name (``"vit"``, ``"hiera"``, ...)."""
         return self.cls.family
 
     @property
     def default_size(self) -> tuple[int, int]:
+        """The input size the variant is laid out for unless told otherwise."""
         return (self.config.default_size, self.config.default_size)
 
 
@@ -34,6 +38,7 @@ _MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, cls: type[Encoder], config: Any) -> None:
+    """Add an architecture: ``name`` builds ``cls(config, ...)``; ``config`` must be a frozen dataclass."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is registered twice")
     if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:
@@ -48,10 +53,16 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    """The registered architecture ``name``; ``UnknownModelError`` (with close matches) when there is none."""
     try:
         return _MODELS[name]
     except KeyError:
         raise UnknownModelError(name, _MODELS, what="architecture") from None
+
+
+def families_with(capability: type) -> list[str]:
+    """The families (sorted names) whose class has ``capability`` (a mixin of ``ornis.models.capabilities``)."""
+    return sorted({spec.family for spec in _MODELS.values() if issubclass(spec.cls, capability)})
 
 
 def apply_overrides(config: Any, overrides: Mapping[str, Any] | None) -> Any:

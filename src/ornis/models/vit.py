@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ornis.models.base import Encoder, Features, normalize_indices
+from ornis.models.capabilities import MaskedTokenOmission, MaskedTokenRetention, OmissionLayout, RetainedTokens
 from ornis.models.layers import (
     Attention,
     DropPath,
@@ -41,6 +42,8 @@ from ornis.models.registry import register_model
 
 @dataclass(frozen=True)
 class ViTConfig:
+    """A ViT variant: patch size, depth, widths, special tokens, layer scale, norm, FlexiViT's patch range."""
+
     patch_size: int
     num_layers: int
     num_heads: int
@@ -68,23 +71,32 @@ class ViTConfig:
 
 
 class EncoderBlock(nn.Module):
+    """Pre-norm attention + MLP with optional layer scale and drop-path (also the MAE decoder's block)."""
+
     def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
         super().__init__()
         dim = cfg.hidden_dim
         self.norm1 = make_norm(cfg.norm, dim, cfg.norm_eps)
         self.attn = Attention(dim, cfg.num_heads, qkv_bias=cfg.qkv_bias)
-        self.layer_scale_1 = LayerScale(dim, cfg.layer_scale_init) if cfg.layer_scale_init is not None else nn.Identity()
+        self.layer_scale_1 = (
+            LayerScale(dim, cfg.layer_scale_init) if cfg.layer_scale_init is not None else nn.Identity()
+        )
         self.norm2 = make_norm(cfg.norm, dim, cfg.norm_eps)
         self.mlp = Mlp(dim, cfg.mlp_dim)
-        self.layer_scale_2 = LayerScale(dim, cfg.layer_scale_init) if cfg.layer_scale_init is not None else nn.Identity()
+        self.layer_scale_2 = (
+            LayerScale(dim, cfg.layer_scale_init) if cfg.layer_scale_init is not None else nn.Identity()
+        )
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D)."""
         x = x + self.drop_path(self.layer_scale_1(self.attn(self.norm1(x), attn_mask)))
         return x + self.drop_path(self.layer_scale_2(self.mlp(self.norm2(x))))
 
 
 class TransformerEncoder(nn.Module):
+    """The stack of blocks (``encoder.block.<i>``, the published checkpoints' names)."""
+
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.block = nn.Sequential(*(EncoderBlock(cfg, r) for r in drop_path_rates(cfg.drop_path_rate, cfg.num_layers)))
@@ -95,8 +107,13 @@ class TransformerEncoder(nn.Module):
         return run_stages(((blk,) for blk in self.block), x, len(self.block) - 1, keep or (), self.grad_checkpointing)
 
 
-class ViT(Encoder):
+class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention):
+    """A plain ViT (module docstring). Both masked forwards: token omission for MAE (visible patches only) and
+    token retention for iBOT / DINOv2 (masked patches replaced by a mask token)."""
+
     family = "vit"
+    stem_names = ("conv_proj", "class_token", "reg_tokens", "pos_embedding")
+    default_mask_ratio = 0.75  # MAE's
 
     def __init__(self, config: ViTConfig, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
         super().__init__(config, num_classes, size, name)
@@ -111,13 +128,16 @@ class ViT(Encoder):
 
         self.conv_proj = nn.Conv2d(3, cfg.hidden_dim, kernel_size=p, stride=p)
         self.class_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_dim)) if cfg.class_token else None
-        self.reg_tokens = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, cfg.hidden_dim)) if cfg.num_reg_tokens else None
+        self.reg_tokens = (
+            nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, cfg.hidden_dim)) if cfg.num_reg_tokens else None
+        )
         seq = (size[0] // p) * (size[1] // p) + (self.num_special_tokens if cfg.pos_embed_special_tokens else 0)
         self.pos_embedding = nn.Parameter(torch.empty(1, seq, cfg.hidden_dim).normal_(std=0.02))
         self.encoder = TransformerEncoder(cfg)
         self.norm = make_norm(cfg.norm, cfg.hidden_dim, cfg.norm_eps)
 
         self.embedding_size = cfg.hidden_dim
+        self.stem_stride, self.stem_width, self.max_stride = p, cfg.hidden_dim, p
         self.return_stages = ["neck"]
         self.return_channels = [cfg.hidden_dim]
         self.classifier = self.create_classifier(num_classes)
@@ -138,9 +158,25 @@ class ViT(Encoder):
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        """The patch grid at the model's size."""
         return (self.size[0] // self.patch_size, self.size[1] // self.patch_size)
 
+    @property
+    def patch_size_range(self) -> tuple[int, int] | None:
+        """FlexiViT's trained range of patch sizes; None for a fixed-patch ViT."""
+        return (self.config.min_patch_size, self.config.max_patch_size) if self.config.flexi else None
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks."""
+        return list(self.encoder.block)
+
+    def no_weight_decay(self) -> set[str]:
+        """Position embeddings, class and register tokens."""
+        return {n for n in ("pos_embedding", "class_token", "reg_tokens") if getattr(self, n) is not None}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        super().set_grad_checkpointing(enable)
         self.encoder.grad_checkpointing = enable
 
     # -- tokens ------------------------------------------------------------------------------------------------
@@ -156,17 +192,19 @@ class ViT(Encoder):
         tokens = [t for t in (self.reg_tokens, self.class_token) if t is not None]
         return [t.expand(batch, -1, -1) for t in tokens]
 
-    def embed_tokens(
+    def embed_tokens(self, x: torch.Tensor, patch_size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patchify, add position embeddings and prepend the special tokens: (B, S + h*w, D) and the grid (h, w)."""
+        return self._embed(x, patch_size)
+
+    def _embed(
         self,
         x: torch.Tensor,
         patch_size: int | None = None,
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patchify, add position embeddings and prepend the special tokens: (B, S + h*w, D) and the grid (h, w).
-
-        ``mask`` (B, h*w) bool with ``mask_token`` (D,): masked patches' embeddings are replaced by the token before
-        the position embeddings are added (iBOT / DINOv2 masked-patch training)."""
+        """``embed_tokens``; with ``mask`` (B, h*w) bool and ``mask_token`` (D,), masked patches' embeddings are
+        replaced by the token before the position embeddings are added (token retention)."""
         p = patch_size or self.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
@@ -191,6 +229,7 @@ class ViT(Encoder):
         return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *grid)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding from all final tokens: the class token, or the mean of the patch tokens without one."""
         if self.class_token is None:
             return tokens[:, self.num_special_tokens :].mean(dim=1)
         return tokens[:, self.num_reg_tokens]
@@ -203,9 +242,11 @@ class ViT(Encoder):
         return self.norm(tokens)
 
     def embedding(self, x: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """The class token after the final norm (the mean patch token for a model without one)."""
         return self.pool(self.forward_features(x, patch_size))
 
     def detection_features(self, x: torch.Tensor, patch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """``{"neck": (B, D, h, w)}``: the last block's patch tokens before the final norm."""
         tokens, grid = self.embed_tokens(x, patch_size)
         tokens, _ = self.encoder(tokens)
         return {"neck": self._to_map(tokens, grid)}
@@ -234,6 +275,42 @@ class ViT(Encoder):
             cls_token=final[:, self.num_reg_tokens] if self.class_token is not None else None,
             register_tokens=final[:, : self.num_reg_tokens] if self.num_reg_tokens else None,
         )
+
+    # -- masked forwards -------------------------------------------------------------------------------------------
+    def omission_layout(self, size: tuple[int, int]) -> OmissionLayout:
+        """Cells are patches; one output, the final normed patch tokens."""
+        p = self.patch_size
+        grid = (int(size[0]) // p, int(size[1]) // p)
+        return OmissionLayout(grid, p, 1, (self.embedding_size,), (1,))
+
+    def masked_omission(self, x: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The visible patches' final tokens (after the final norm) as (B, K, 1, 1, D); the hidden patch tokens are
+        dropped before the first block, the special tokens kept. See ``MaskedTokenOmission``."""
+        tokens, _ = self.embed_tokens(x)
+        special, patches = tokens[:, : self.num_special_tokens], tokens[:, self.num_special_tokens :]
+        B, _, D = patches.shape
+        visible = patches[~hidden].view(B, -1, D)  # boolean indexing keeps row-major order per image
+        out, _ = self.encoder(torch.cat([special, visible], dim=1))
+        return [self.norm(out)[:, self.num_special_tokens :].reshape(B, -1, 1, 1, D)]
+
+    def retention_grid(self, size: tuple[int, int], patch_size: int | None = None) -> tuple[int, int]:
+        """The patch grid for ``patch_size`` (default: the model's)."""
+        p = patch_size or self.patch_size
+        return (int(size[0]) // p, int(size[1]) // p)
+
+    def masked_retention(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        patch_size: int | None = None,
+    ) -> RetainedTokens:
+        """The embedding and the final normed patch tokens (DINOv2's ``x_norm_clstoken`` / ``x_norm_patchtokens``);
+        see ``MaskedTokenRetention``."""
+        tokens, _ = self._embed(x, patch_size, mask, mask_token)
+        tokens, _ = self.encoder(tokens)
+        tokens = self.norm(tokens)
+        return RetainedTokens(self.pool(tokens), tokens[:, self.num_special_tokens :])
 
     def adjust_size(self, new_size: tuple[int, int]) -> None:
         """Re-base the stored position embeddings on another input size (bicubic with antialias, as the

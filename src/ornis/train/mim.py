@@ -1,12 +1,13 @@
 """Masked image modelling, MAE-style (He et al. 2021): hide most of the image, encode only what is visible, and
 let a light decoder predict the hidden pixels, each patch's pixels normalised by their own mean and variance.
 
-What is hidden is a *mask unit*: for a plain ViT a square of ``mask_unit`` x ``mask_unit`` patches (default 1);
-for Hiera its own 8 x 8-token (32 x 32-pixel) unit, as its mask-unit attention needs whole units. The encoder sees
-only the visible units (token omission, the source of MAE's speed); the decoder sees them plus a learned mask token
-at every hidden position, with its own position embedding, and predicts the pixels of every patch (ViT) or unit
-(Hiera); the loss is the mean squared error over the hidden ones only. Masks are drawn per sample in the data
-pipeline (``MaskedSample``), so they repeat on resume and whatever the number of ranks.
+The encoder declares how it can leave cells of the image out (``MaskedTokenOmission``): a plain ViT any patch, a
+Hiera only its own 8 x 8-token (32 x 32-pixel) mask units, as its mask-unit attention needs whole units. What is
+hidden is a *mask unit* of ``mask_unit`` x ``mask_unit`` cells (default 1; fixed at 1 where the cells are already
+the architecture's own units). The encoder sees only the visible cells (token omission, the source of MAE's
+speed); the decoder sees them plus a learned mask token at every hidden cell, with its own position embedding, and
+predicts the pixels of every cell; the loss is the mean squared error over the hidden ones only. Masks are drawn
+per sample in the data pipeline (``MaskedSample``), so they repeat on resume and whatever the number of ranks.
 
 The published-format checkpoint holds the encoder alone (no head): ``ornis.load_pretrained_model(path)`` gives
 the pretrained backbone, ready for ``embed`` or fine-tuning with ``ornis train classify --weights``.
@@ -23,10 +24,13 @@ import torch
 from torch import nn
 
 from ornis.models.base import Encoder
-from ornis.models.vit import EncoderBlock, ViT, ViTConfig
+from ornis.models.capabilities import MaskedTokenOmission, require
+from ornis.models.vit import EncoderBlock, ViTConfig
+from ornis.train.config import Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source, train_transform
-from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
-from ornis.weights.checkpoint import Checkpoint
+from ornis.train.loop import run
+from ornis.train.start import start_encoder
+from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
 log = logging.getLogger("ornis.train")
 
@@ -36,7 +40,9 @@ def random_unit_mask(batch: int, num_units: int, mask_ratio: float, device: torc
     visible tokens of a batch stack into one tensor."""
     num_hidden = int(round(num_units * mask_ratio))
     if not 0 < num_hidden < num_units:
-        raise ValueError(f"mask ratio {mask_ratio} hides {num_hidden} of {num_units} mask units; hide at least one, keep one")
+        raise ValueError(
+            f"mask ratio {mask_ratio} hides {num_hidden} of {num_units} mask units; hide at least one, keep one"
+        )
     order = torch.rand(batch, num_units, device=device).argsort(dim=1)
     mask = torch.zeros(batch, num_units, dtype=torch.bool, device=device)
     mask.scatter_(1, order[:, :num_hidden], True)
@@ -57,8 +63,9 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def normalized_pixel_loss(pred: torch.Tensor, images: torch.Tensor, token_mask: torch.Tensor, patch: int,
-                          norm_pix: bool = True) -> torch.Tensor:
+def normalized_pixel_loss(
+    pred: torch.Tensor, images: torch.Tensor, token_mask: torch.Tensor, patch: int, norm_pix: bool = True
+) -> torch.Tensor:
     """MAE's loss: MSE between predicted and true pixels of the hidden patches, each true patch normalised by its
     own mean and variance (``norm_pix``; eps 1e-6 as in MAE)."""
     target = patchify(images.float(), patch)
@@ -72,58 +79,65 @@ def normalized_pixel_loss(pred: torch.Tensor, images: torch.Tensor, token_mask: 
 
 
 class MaskedAutoencoder(nn.Module):
-    """Encoder (an ornis encoder, trained) + light decoder (thrown away after pretraining). ``forward(images)``
-    returns the loss, so DDP wraps the whole thing.
+    """Encoder (an ornis encoder with ``MaskedTokenOmission``, trained) + light decoder (thrown away after
+    pretraining). ``forward(images)`` returns the loss, so DDP wraps the whole thing.
 
-    Plain ViT: the decoder sees one token per patch; a mask unit is ``mask_unit`` x ``mask_unit`` patches.
-    Hiera: the mask unit is the model's own (8 x 8 stem tokens, 32 x 32 pixels), the encoder runs on the kept units
-    only (``Hiera.masked_encoding``), every stage's output is pooled to one vector per unit by a strided conv and
-    summed with the last stage's (MAE-Hiera's multi-scale fusion), and the decoder sees one token per mask unit that
-    predicts its 32 x 32 pixels.
+    The decoder sees one token per cell of the encoder's omission grid (a ViT's patch, a Hiera's mask unit). An
+    encoder with one output gives its final tokens; one with several scales (Hiera's stages) has each scale pooled
+    to one vector per cell by a strided conv and summed with the final one, then normed (MAE-Hiera's multi-scale
+    fusion).
     """
 
-    def __init__(self, encoder: Encoder, decoder_dim: int = 256, decoder_depth: int = 4, decoder_heads: int = 8,
-                 mask_ratio: float | None = None, mask_unit: int | None = None, norm_pix: bool = True) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder_dim: int = 256,
+        decoder_depth: int = 4,
+        decoder_heads: int = 8,
+        mask_ratio: float | None = None,
+        mask_unit: int | None = None,
+        norm_pix: bool = True,
+    ) -> None:
         super().__init__()
-        from ornis.models.hiera import TOTAL_STRIDE, Hiera
-
+        require(encoder, MaskedTokenOmission, "masked image modelling")
         self.encoder = encoder
-        # MAE's 0.75 for a plain ViT; Hiera's paper (and the reference) use 0.6 of the mask units
-        self.mask_ratio = mask_ratio if mask_ratio is not None else 0.6 if isinstance(encoder, Hiera) else 0.75
+        self.mask_ratio = mask_ratio if mask_ratio is not None else encoder.default_mask_ratio
         self.norm_pix = norm_pix
         width = encoder.embedding_size
+        layout = encoder.omission_layout(encoder.size)
+        if layout.cell_tokens > 1 and mask_unit not in (None, 1):
+            t = layout.cell_tokens
+            raise ValueError(
+                f"{encoder.name} masks its own {t}x{t}-token mask units; mask_unit must be left unset, got {mask_unit}"
+            )
+        self.grid = layout.grid
+        self.pixel_patch = layout.cell
+        self.mask_unit = mask_unit or 1
         self.fusion_heads: nn.ModuleList | None = None
-        if isinstance(encoder, ViT):
-            self.grid = (encoder.size[0] // encoder.patch_size, encoder.size[1] // encoder.patch_size)
-            self.pixel_patch = encoder.patch_size
-            self.mask_unit = mask_unit or 1
-        elif isinstance(encoder, Hiera):
-            if mask_unit not in (None, 1):
-                raise ValueError(f"Hiera masks its own 8x8-token mask units; mask_unit must be left unset, got {mask_unit}")
-            self.grid = encoder.mask_spatial_shape
-            self.pixel_patch = TOTAL_STRIDE
-            self.mask_unit = 1
-            encoder.return_stages = [f"stage{i + 1}" for i in range(len(encoder.return_channels))]
-            last = len(encoder.return_channels) - 1
-            # stage i's kept units come as m x m patches, m = 2 ** (poolings left); a stride-m conv makes one vector
+        if len(layout.scale_channels) > 1:
+            # scale i's visible cells come as m x m patches: a stride-m conv makes one vector of each
             self.fusion_heads = nn.ModuleList(
-                nn.Conv2d(c, width, kernel_size=2 ** (last - i), stride=2 ** (last - i)) if i < last else nn.Identity()
-                for i, c in enumerate(encoder.return_channels)
+                nn.Conv2d(c, width, kernel_size=m, stride=m) if m > 1 else nn.Identity()
+                for c, m in zip(layout.scale_channels, layout.scale_sides)
             )
             self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
-            # The pooled embedding's final norm is not on the masked path: frozen, so DDP does not wait for its
-            # gradient (MAE-Hiera leaves it at its initial values too)
-            encoder.features.requires_grad_(False)
-        else:
-            raise TypeError(f"masked image modelling supports the vit and hiera families, got "
-                            f"{getattr(encoder, 'family', type(encoder).__name__)!r}")
+        # Frozen, so DDP does not wait for their gradients (MAE-Hiera leaves the pooled norm at its initial values)
+        for module in encoder.omission_unused_modules():
+            module.requires_grad_(False)
         if self.grid[0] % self.mask_unit or self.grid[1] % self.mask_unit:
-            raise ValueError(f"the {self.grid} token grid does not split into {self.mask_unit}x{self.mask_unit} mask units")
+            raise ValueError(
+                f"the {self.grid} token grid does not split into {self.mask_unit}x{self.mask_unit} mask units"
+            )
         self.decoder_embed = nn.Linear(width, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], decoder_dim))
-        dec_cfg = ViTConfig(patch_size=1, num_layers=decoder_depth, num_heads=decoder_heads, hidden_dim=decoder_dim,
-                            mlp_dim=4 * decoder_dim)
+        dec_cfg = ViTConfig(
+            patch_size=1,
+            num_layers=decoder_depth,
+            num_heads=decoder_heads,
+            hidden_dim=decoder_dim,
+            mlp_dim=4 * decoder_dim,
+        )
         self.decoder_blocks = nn.ModuleList(EncoderBlock(dec_cfg, 0.0) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.pixel_patch * self.pixel_patch * 3)
@@ -135,19 +149,18 @@ class MaskedAutoencoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The decoder's mask token and position table."""
+        return {"mask_token", "decoder_pos_embed"}
+
     def encode_visible(self, images: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """(B, n_visible, width): the encoder's output for the visible decoder positions, in row-major order."""
-        net = self.encoder
-        if self.fusion_heads is None:  # plain ViT: drop the hidden patch tokens before the blocks
-            tokens, _ = net.embed_tokens(images)
-            special, patches = tokens[:, : net.num_special_tokens], tokens[:, net.num_special_tokens :]
-            B, _, D = patches.shape
-            visible = patches[~token_mask].view(B, -1, D)  # boolean indexing keeps row-major order per image
-            x, _ = net.encoder(torch.cat([special, visible], dim=1))
-            return net.norm(x)[:, net.num_special_tokens :]
-        per_stage, _ = net.masked_encoding(images, token_mask.to(images.dtype))  # kept units in ascending order
+        scales = self.encoder.masked_omission(images, token_mask)  # visible cells in ascending order
+        if self.fusion_heads is None:
+            final = scales[-1]
+            return final.reshape(*final.shape[:2], final.shape[-1])
         fused = 0.0
-        for head, x in zip(self.fusion_heads, per_stage):  # x: (B, K, m, m, C)
+        for head, x in zip(self.fusion_heads, scales):  # x: (B, K, m, m, C)
             B, K, m, _, C = x.shape
             if isinstance(head, nn.Identity):
                 fused = fused + x.reshape(B, K, C)
@@ -203,15 +216,18 @@ class MIMRecipe(Recipe):
 
     @property
     def encoder(self) -> nn.Module:
+        """The encoder being pretrained (the decoder is not exported)."""
         return self.model.encoder
 
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The masked autoencoder's pixel loss."""
         images, unit_mask = batch[0]
         loss, _ = model(images, unit_mask)
         return loss, {}
 
     def export_checkpoint(self) -> Checkpoint:
-        return encoder_checkpoint(self.model.encoder, {}, self.rgb_stats)
+        """The encoder alone, without classes."""
+        return checkpoint_from_model(self.model.encoder, class_to_idx={}, rgb_stats=self.rgb_stats)
 
 
 @dataclass
@@ -223,8 +239,8 @@ class MIMOptions:
     arch: str | None = None  # or start from scratch
     size: int | None = None
     model_config: dict[str, Any] | None = None
-    mask_ratio: float | None = None  # default: 0.75 for ViT, 0.6 for Hiera
-    mask_unit: int | None = None  # ViT: mask-unit side in patches (default 1); Hiera: its own, leave unset
+    mask_ratio: float | None = None  # default: the encoder's (0.75 for ViT, 0.6 for Hiera)
+    mask_unit: int | None = None  # mask-unit side in cells (default 1; ViT: patches); Hiera: its own, leave unset
     decoder_dim: int = 256
     decoder_depth: int = 4
     decoder_heads: int = 8
@@ -233,25 +249,18 @@ class MIMOptions:
 
 
 def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
-    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
-    from ornis.loading import load_pretrained_model
-    from ornis.models.registry import build_model
-
-    if (opts.weights is None) == (opts.arch is None):
-        raise ValueError("give exactly one of weights (continue pretraining) or arch (from scratch)")
-    if opts.weights is not None:
-        net, info = load_pretrained_model(opts.weights)
-        rgb_stats = dict(info.rgb_stats or DEFAULT_RGB_STATS)
-        if net.num_classes:
-            net.reset_classifier(0)  # the head gets no gradient from MIM; the pretraining checkpoint has none
-    else:
-        net = build_model(str(opts.arch), num_classes=0, size=opts.size, config=opts.model_config)
-        rgb_stats = dict(DEFAULT_RGB_STATS)
-    if opts.size is not None and net.size != (opts.size, opts.size):
-        net.adjust_size((opts.size, opts.size))
-    mae = MaskedAutoencoder(net, opts.decoder_dim, opts.decoder_depth, opts.decoder_heads, opts.mask_ratio,
-                            opts.mask_unit, opts.norm_pix)
-    return mae, rgb_stats
+    """The masked autoencoder over the encoder ``opts`` starts from, and the encoder's rgb stats."""
+    started = start_encoder(opts.weights, opts.arch, opts.size, opts.model_config)
+    mae = MaskedAutoencoder(
+        started.encoder,
+        opts.decoder_dim,
+        opts.decoder_depth,
+        opts.decoder_heads,
+        opts.mask_ratio,
+        opts.mask_unit,
+        opts.norm_pix,
+    )
+    return mae, started.rgb_stats
 
 
 def train_mim(opts: MIMOptions, cfg: TrainConfig) -> TrainResult:

@@ -1,9 +1,12 @@
-"""AdamW parameter groups (weight-decay exclusions, layer-wise lr decay), the warm-up + cosine schedule, and EMA."""
+"""AdamW parameter groups (weight-decay exclusions, layer-wise lr decay), the warm-up + cosine schedule, and EMA.
+
+What a parameter is (a position embedding, a stem or block parameter) is declared by the modules themselves
+(``no_weight_decay``, ``layer_id``, as ornis encoders do); nothing here reads parameter names.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,55 +14,57 @@ from typing import Any
 import torch
 from torch import nn
 
-# Parameters that are positions or learned tokens, not weights: decaying them towards 0 only hurts (ViT, MAE, DINOv2)
-NO_DECAY_NAMES = re.compile(r"(pos_embed|pos_embedding|class_token|cls_token|reg_tokens|register_tokens|mask_token)")
-# A repeated block: a numbered child of a container called block / blocks / stage<k> (ViT: encoder.block.3,
-# Hiera and HieraDet: body.stage2.1)
-BLOCK_INDEX = re.compile(r"(?:^|\.)(?:blocks?|stage\d+)\.(\d+)\.")
 
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norm weights, layer-scale gammas (all 1-D) and position embeddings / tokens get no weight decay."""
-    return param.ndim <= 1 or bool(NO_DECAY_NAMES.search(name))
+def declared_no_weight_decay(model: nn.Module) -> set[str]:
+    """Full names of the parameters that ``model`` and its sub-modules declare through ``no_weight_decay()``
+    (position embeddings, learned tokens: timm's protocol, which ornis encoders and recipe modules follow)."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names |= {f"{prefix}.{n}" if prefix else n for n in declared()}
+    return names
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """Depth of every parameter for layer-wise lr decay, and the number of layers.
+    """Layer group of every parameter for layer-wise lr decay, and the last group's index.
 
-    0 is the stem (patch embedding, position embeddings, tokens: everything before the first block), block i is
-    i + 1, and everything after the last block (final norm, head, decoders) is ``num_blocks + 1``. Blocks are
-    numbered in the order the module lists them, so a hierarchical model's stages count as one sequence.
+    Inside the first module that declares groups (``layer_id`` / ``num_layer_groups``: an ornis encoder, found in
+    ``named_modules`` order, so the outermost): 0 is the stem, i + 1 block i, the last group what follows the blocks.
+    Parameters outside it (a decoder, DINO's heads) join group 0 when they come before it in ``named_parameters``
+    order, else the last group. A model without such a module has every parameter in group 0, the last group being 1.
     """
-    names = [n for n, _ in model.named_parameters()]
-    block_keys: list[str] = []  # "prefix.blocks.N" in first-seen order
-    for n in names:
-        m = BLOCK_INDEX.search(n)
-        if m:
-            key = n[: m.end() - 1]
-            if key not in block_keys:
-                block_keys.append(key)
-    depth = {key: i + 1 for i, key in enumerate(block_keys)}
+    grouped = ((p, m) for p, m in model.named_modules() if callable(getattr(m, "layer_id", None)))
+    found = next(grouped, None)
+    if found is None:
+        return {n: 0 for n, _ in model.named_parameters()}, 1
+    prefix, encoder = found
+    last = encoder.num_layer_groups - 1
+    lead = f"{prefix}." if prefix else ""
     out: dict[str, int] = {}
-    seen_block = False
-    for n in names:
-        m = BLOCK_INDEX.search(n)
-        if m:
-            out[n] = depth[n[: m.end() - 1]]
-            seen_block = True
+    seen = False
+    for name, _ in model.named_parameters():
+        if name.startswith(lead):
+            out[name] = encoder.layer_id(name[len(lead) :])
+            seen = True
         else:
-            out[n] = len(block_keys) + 1 if seen_block else 0
-    return out, len(block_keys) + 1
+            out[name] = last if seen else 0
+    return out, last
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups over the trainable parameters: one per (decay or not, layer), each with ``lr_scale``
-    (``layer_decay ** (num_layers - layer_id)``, 1 without layer decay) that the loop multiplies the lr by."""
+    (``layer_decay ** (last group - layer_id)``, 1 without layer decay) that the loop multiplies the lr by.
+
+    No weight decay for biases, norm weights and layer-scale gammas (all 1-D) and for what the modules declare
+    (``declared_no_weight_decay``)."""
     ids, num_layers = layer_ids(model) if layer_decay is not None else ({}, 0)
+    no_decay = declared_no_weight_decay(model)
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = no_weight_decay(name, p)
+        skip = p.ndim <= 1 or name in no_decay
         layer = ids.get(name, 0)
         key = (skip, layer)
         if key not in groups:
@@ -92,6 +97,7 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step of the average towards ``model``'s current values."""
         for k, v in model.state_dict().items():
             if k in self.shadow:
                 self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
@@ -107,9 +113,11 @@ class ModelEMA:
             model.load_state_dict(backup, strict=False)
 
     def state_dict(self) -> dict[str, Any]:
+        """The decay and the averaged tensors (on the CPU)."""
         return {"decay": self.decay, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
         self.decay = float(state["decay"])
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)

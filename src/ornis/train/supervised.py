@@ -16,9 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ornis.models.base import Encoder
+from ornis.train.config import Recipe, TrainConfig, TrainResult
 from ornis.train.data import MixupCutmix, SampleDataset, eval_transform, open_source, train_transform
-from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
-from ornis.weights.checkpoint import Checkpoint
+from ornis.train.loop import run
+from ornis.train.start import start_encoder
+from ornis.utils.fs import atomic_write_json
+from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
 log = logging.getLogger("ornis.train")
 
@@ -28,8 +31,15 @@ class ClassifyRecipe(Recipe):
 
     name = "classify"
 
-    def __init__(self, net: Encoder, class_to_idx: dict[str, int], rgb_stats: dict[str, Any],
-                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: Encoder,
+        class_to_idx: dict[str, int],
+        rgb_stats: dict[str, Any],
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
         if net.num_classes != len(class_to_idx):
             raise ValueError(f"the network has {net.num_classes} outputs but there are {len(class_to_idx)} classes")
         self.model = net
@@ -38,6 +48,7 @@ class ClassifyRecipe(Recipe):
         self.mix = MixupCutmix(len(class_to_idx), mixup_alpha, cutmix_alpha, label_smoothing)
 
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Soft-target cross-entropy under mixup / cutmix / label smoothing, else plain cross-entropy."""
         images, labels = batch
         if (labels < 0).any():
             raise ValueError("classification needs labelled data; found samples with no label (-1)")
@@ -51,12 +62,19 @@ class ClassifyRecipe(Recipe):
         return loss, {}
 
     def export_checkpoint(self) -> Checkpoint:
-        return encoder_checkpoint(self.model, self.class_to_idx, self.rgb_stats)
+        """The classifier with its classes."""
+        return checkpoint_from_model(self.model, class_to_idx=self.class_to_idx, rgb_stats=self.rgb_stats)
 
 
 @torch.no_grad()
-def evaluate_topk(net: nn.Module, dataset: SampleDataset, batch_size: int = 64, device: str | torch.device = "cpu",
-                  ks: Sequence[int] = (1, 5), bf16: bool = False) -> dict[str, float]:
+def evaluate_topk(
+    net: nn.Module,
+    dataset: SampleDataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    ks: Sequence[int] = (1, 5),
+    bf16: bool = False,
+) -> dict[str, float]:
     """Top-k accuracy (in [0, 1]) of ``net`` over ``dataset`` (plain-index ``SampleDataset``); k above the number
     of classes counts as the number of classes."""
     was_training = net.training
@@ -97,27 +115,10 @@ class ClassifyOptions:
 
 def build_classifier(opts: ClassifyOptions, class_to_idx: dict[str, int]) -> tuple[Encoder, dict[str, Any], int]:
     """The network to train (head sized for ``class_to_idx``), its rgb stats and its input size."""
-    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
-    from ornis.loading import load_pretrained_model
-    from ornis.models.registry import build_model
-
-    num_classes = len(class_to_idx)
-    if (opts.weights is None) == (opts.arch is None):
-        raise ValueError("give exactly one of weights (fine-tune a checkpoint) or arch (train from scratch)")
-    if opts.weights is not None:
-        net, info = load_pretrained_model(opts.weights)
-        if net.num_classes != num_classes or info.class_to_idx != class_to_idx:
-            net.reset_classifier(num_classes)
-            if isinstance(net.classifier, nn.Linear):  # a new head starts at zero, as the reference's does
-                nn.init.zeros_(net.classifier.weight)
-                nn.init.zeros_(net.classifier.bias)
-        rgb_stats = info.rgb_stats or DEFAULT_RGB_STATS
-    else:
-        net = build_model(str(opts.arch), num_classes=num_classes, size=opts.size, config=opts.model_config)
-        rgb_stats = DEFAULT_RGB_STATS
-    if opts.size is not None and net.size != (opts.size, opts.size):
-        net.adjust_size((opts.size, opts.size))
-    return net, dict(rgb_stats), net.size[0]
+    started = start_encoder(
+        opts.weights, opts.arch, opts.size, opts.model_config, num_classes=len(class_to_idx), class_to_idx=class_to_idx
+    )
+    return started.encoder, started.rgb_stats, started.encoder.size[0]
 
 
 def train_classifier(opts: ClassifyOptions, cfg: TrainConfig) -> tuple[TrainResult, dict[str, float] | None]:
@@ -134,11 +135,10 @@ def train_classifier(opts: ClassifyOptions, cfg: TrainConfig) -> tuple[TrainResu
     if opts.val is not None:
         val_source = open_source(opts.val, labelled=True, class_to_idx=class_to_idx)
         device = next(net.parameters()).device
-        metrics = evaluate_topk(net, SampleDataset(val_source, eval_transform(size, rgb_stats)), opts.val_batch_size,
-                                device, bf16=cfg.bf16)
+        metrics = evaluate_topk(
+            net, SampleDataset(val_source, eval_transform(size, rgb_stats)), opts.val_batch_size, device, bf16=cfg.bf16
+        )
         log.info("validation: top-1 %.4f top-5 %.4f", metrics["top1"], metrics["top5"])
         if cfg.output_dir is not None:
-            import json
-
-            (Path(cfg.output_dir) / "val_metrics.json").write_text(json.dumps(metrics))
+            atomic_write_json(Path(cfg.output_dir) / "val_metrics.json", metrics, indent=None)
     return result, metrics

@@ -72,6 +72,16 @@ def default_device(requested: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def default_num_workers(device: torch.device, processes_per_node: int | None = None) -> int:
+    """Data-loader workers per process: on a GPU all CPUs but one decode; on the CPU the model needs half of them
+    (at most 4). ``processes_per_node`` defaults to torchrun's ``LOCAL_WORLD_SIZE``."""
+    if processes_per_node is None:
+        processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cpus // max(1, processes_per_node))
+    return min(32, max(1, per_process - 1)) if device.type == "cuda" else min(4, max(1, per_process // 2))
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

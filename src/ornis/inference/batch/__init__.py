@@ -51,9 +51,10 @@ from ornis.inference.batch.records import Batch, FailedSample, Outputs, Row, Sam
 from ornis.inference.batch.run import classify, embed, run_batch
 from ornis.inference.batch.runner import ModelRunner
 from ornis.inference.batch.sampler import ClaimingBatchSampler
-from ornis.inference.batch.worker import BatchProgress, default_num_workers, run_worker
+from ornis.inference.batch.worker import BatchProgress, run_worker
 from ornis.inference.batch.writer import ShardWriter
 from ornis.inference.preprocess import split_transform
+from ornis.utils.distributed import default_num_workers
 
 __all__ = [
     "ERRORS",

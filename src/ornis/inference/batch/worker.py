@@ -3,7 +3,6 @@ decode them in DataLoader workers, run the model, write the parts."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from ornis.inference.batch.records import Batch, Outputs, collate_batch
 from ornis.inference.batch.runner import ModelRunner
 from ornis.inference.batch.sampler import ClaimingBatchSampler
 from ornis.inference.batch.writer import ShardWriter
-from ornis.utils.distributed import DistInfo, default_device
+from ornis.utils.distributed import DistInfo, default_device, default_num_workers
 from ornis.utils.progress import progress_bar, progress_enabled
 
 _BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} images {rate_fmt}  ETA {remaining}"
@@ -74,8 +73,7 @@ def _device(job: BatchJob, dist: DistInfo) -> torch.device:
 def _loader(out: Path, job: BatchJob, runner: ModelRunner, sampler: ClaimingBatchSampler, dist: DistInfo) -> DataLoader:
     dataset = ShardDataset(out / PLAN, runner.cpu_transform, job.decode, raw_jpeg=job.decode_on_device)
     # torchrun says how many ranks share this machine's CPUs; Ray tasks get their CPUs through num_workers
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-    workers = default_num_workers(runner.device, per_node) if job.num_workers is None else job.num_workers
+    workers = default_num_workers(runner.device) if job.num_workers is None else job.num_workers
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -120,13 +118,6 @@ def _pipeline(
         previous = current
     stats.loop_s = time.perf_counter() - first_batch_at if first_batch_at else 0.0
     return stats
-
-
-def default_num_workers(device: torch.device, processes_per_node: int) -> int:
-    """DataLoader workers per process: on a GPU all CPUs but one decode; on CPU the model needs half of them."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cpus // max(1, processes_per_node))
-    return min(32, max(1, per_process - 1)) if device.type == "cuda" else min(4, max(1, per_process // 2))
 
 
 def _worker_init(worker_id: int) -> None:

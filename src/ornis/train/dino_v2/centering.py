@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ornis.train.dino_v2.dist import all_reduce_max, all_reduce_sum
+from ornis.utils.distributed import all_reduce_max, all_reduce_sum
 
 
 def _global_logsumexp_over_rows(log_q: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,7 @@ class SoftmaxCentering(nn.Module):
 
     @torch.no_grad()
     def forward(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Targets from the current centre; the centre then moves towards this batch's mean."""
         logits = teacher_logits.float()
         probs = torch.softmax((logits - self.center) / teacher_temp, dim=-1)
         self.update(logits)
@@ -69,6 +70,7 @@ class SoftmaxCentering(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
+        """Move the centre towards the global batch mean of ``teacher_logits``."""
         # Sum and count over every rank: the exact global mean even when ranks hold different numbers of rows
         # (the masked patches of iBOT), and no update from an empty step
         stats = torch.cat(
@@ -94,10 +96,12 @@ class LogitQueue(nn.Module):
         self.register_buffer("full", torch.zeros((), dtype=torch.bool))
 
     def contents(self) -> torch.Tensor | None:
+        """The queued rows once the queue has been filled, else None."""
         return self.rows if bool(self.full) else None
 
     @torch.no_grad()
     def push(self, logits: torch.Tensor) -> None:
+        """Queue a step's rows, dropping the oldest."""
         logits = logits.detach().to(self.rows.dtype)[-self.size :]
         n = logits.shape[0]
         start = int(self.pointer)

@@ -26,9 +26,11 @@ class PrototypeLayer(nn.Module):
         nn.init.trunc_normal_(self.weight_v, std=0.02)
 
     def weight(self) -> torch.Tensor:
+        """The normalised weight ``g * v / ||v||``, (out_dim, in_dim)."""
         return self.weight_g * self.weight_v / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Prototype scores (N, out_dim); ``frozen``: no gradient reaches the weights."""
         w = self.weight()
         if frozen:
             w = w.detach() + 0.0 * w
@@ -59,6 +61,7 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
+        """(N, in_dim) -> (N, out_dim) prototype scores."""
         x = self.mlp(x)
         # A larger eps in half precision: 1e-12 underflows to 0 there
         x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)

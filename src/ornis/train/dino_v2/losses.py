@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ornis.train.dino_v2.dist import gather_with_grad
+from ornis.utils.distributed import gather_with_grad
 
 
 def _cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:

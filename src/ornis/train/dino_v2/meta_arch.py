@@ -11,12 +11,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ornis.train.dino_v2.backbones import encode, mask_token_dim
+from ornis.models.base import Encoder
 from ornis.train.dino_v2.heads import DINOHead
 
 
 @dataclass(frozen=True)
 class HeadConfig:
+    """The DINO / iBOT heads' shape."""
+
     out_dim: int = 65536  # prototypes
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -35,9 +37,12 @@ class ViewOutputs(NamedTuple):
 
 class SelfDistillationNet(nn.Module):
     """Backbone + heads + mask token. The student runs it on masked global views and the local views; the teacher
-    (a copy) on the unmasked global views only, scoring the patches the student had masked."""
+    (a copy) on the unmasked global views only, scoring the patches the student had masked.
 
-    def __init__(self, backbone: nn.Module, heads: HeadConfig) -> None:
+    The backbone has ``MaskedTokenRetention``: one forward gives the embedding (B, D) and the final patch tokens on
+    its mask grid, with the masked cells' stem tokens replaced by the mask token (``stem_width`` wide)."""
+
+    def __init__(self, backbone: Encoder, heads: HeadConfig) -> None:
         super().__init__()
         self.backbone = backbone
         dim = backbone.embedding_size
@@ -49,7 +54,11 @@ class SelfDistillationNet(nn.Module):
         self.ibot_head = head() if heads.separate_ibot_head else None
         # The token that replaces masked patches; it lives here, not in the backbone, so the backbone's state dict
         # stays the published architecture's
-        self.mask_token = nn.Parameter(torch.zeros(mask_token_dim(backbone)))
+        self.mask_token = nn.Parameter(torch.zeros(backbone.stem_width))
+
+    def no_weight_decay(self) -> set[str]:
+        """The mask token."""
+        return {"mask_token"}
 
     def forward(
         self,
@@ -63,11 +72,13 @@ class SelfDistillationNet(nn.Module):
         """``masks`` (G*B, h*w) bool picks the patches iBOT scores; ``mask_input`` also hides them from the backbone
         (the student) instead of only selecting them afterwards (the teacher)."""
         hidden = masks if mask_input else None
-        global_embedding, patch_tokens = encode(self.backbone, global_crops, hidden, self.mask_token, patch_size)
+        global_embedding, patch_tokens = self.backbone.masked_retention(
+            global_crops, hidden, self.mask_token, patch_size
+        )
         masked_patches = patch_tokens[masks]
         local_embedding = None
         if local_crops is not None and local_crops.numel():
-            local_embedding, _ = encode(self.backbone, local_crops, patch_size=patch_size)
+            local_embedding = self.backbone.masked_retention(local_crops, patch_size=patch_size).embedding
 
         # One head call for every class token (and the patches, when the head is shared): fewer, larger matmuls
         rows = [global_embedding] + ([local_embedding] if local_embedding is not None else [])

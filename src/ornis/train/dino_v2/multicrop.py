@@ -31,6 +31,8 @@ def _photometric(blur_p: float, solarize_p: float) -> list[Any]:
 
 @dataclass(frozen=True)
 class MultiCropConfig:
+    """Crop sizes, the number of local crops and the scale ranges of both kinds."""
+
     global_size: int = 224
     local_size: int = 96
     local_crops: int = 8

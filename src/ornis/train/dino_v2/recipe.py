@@ -1,10 +1,11 @@
-"""DINOv2 self-distillation (Oquab et al., 2023) as a recipe of the shared loop, its library entry point
-``train_dino_v2`` and the ``ornis train dino-v2`` arguments.
+"""DINOv2 self-distillation (Oquab et al., 2023) as a recipe of the shared loop, and its library entry point
+``train_dino_v2``.
 
 Each step: two global and N local crops per image; the teacher (EMA of the student) scores the unmasked global
 crops, its class-token and masked-patch scores become targets by Sinkhorn-Knopp (or softmax centring) at the
 teacher temperature; the student sees masked global crops and the local crops and is trained on
-``dino_weight * DINO + ibot_weight * iBOT + koleo_weight * KoLeo``. FlexiViT backbones draw a patch size per step.
+``dino_weight * DINO + ibot_weight * iBOT + koleo_weight * KoLeo``. Backbones with a range of patch sizes
+(FlexiViT) draw one per step. Any backbone with ``MaskedTokenRetention`` trains (ViT, FlexiViT, HieraDet).
 The exported checkpoint is the teacher's backbone in the published format, as DINOv2 releases are.
 
 Everything random is a function of the run seed and the step or sample (crops: the sample's seed, masks: a seed
@@ -24,14 +25,16 @@ from torch import nn
 
 from ornis.errors import OrnisError
 from ornis.models.base import Encoder
+from ornis.models.capabilities import MaskedTokenRetention, require
+from ornis.train.config import Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source
-from ornis.train.dino_v2.backbones import family_of, mask_grid
 from ornis.train.dino_v2.centering import LogitQueue, SoftmaxCentering, sinkhorn_knopp, teacher_temperature
 from ornis.train.dino_v2.losses import dino_loss, ibot_loss, koleo_loss
 from ornis.train.dino_v2.meta_arch import HeadConfig, SelfDistillationNet, ema_update, make_teacher, teacher_momentum
 from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform, collate_views, mask_rng, sample_masks
-from ornis.train.loop import Recipe, TrainConfig, TrainResult, encoder_checkpoint, run
-from ornis.weights.checkpoint import Checkpoint
+from ornis.train.loop import run
+from ornis.train.start import start_encoder
+from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
 log = logging.getLogger("ornis.train")
 
@@ -75,7 +78,7 @@ class DinoV2Recipe(Recipe):
         rgb_stats: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
-        family_of(backbone)
+        require(backbone, MaskedTokenRetention, "DINOv2 training")
         if backbone.num_classes:
             backbone.reset_classifier(0)  # the heads replace the classifier; the export carries none
         self.config = config or DinoV2Config()
@@ -100,14 +103,15 @@ class DinoV2Recipe(Recipe):
 
     @property
     def encoder(self) -> nn.Module:
+        """The student's backbone."""
         return self.model.backbone
 
     def _patch_sizes(self, backbone: Encoder) -> list[int] | None:
-        """FlexiViT's patch sizes that tile both crop sizes; None for a fixed-patch backbone."""
-        if not getattr(backbone.config, "flexi", False):
+        """The backbone's patch sizes (FlexiViT's range) that tile both crop sizes; None for a fixed stem."""
+        if backbone.patch_size_range is None:
             return None
-        cfg = backbone.config
-        wanted = self.config.patch_sizes or range(cfg.min_patch_size, cfg.max_patch_size + 1)
+        smallest, largest = backbone.patch_size_range
+        wanted = self.config.patch_sizes or range(smallest, largest + 1)
         sizes = [p for p in wanted if self.crops.global_size % p == 0 and self.crops.local_size % p == 0]
         if not sizes:
             raise ValueError(
@@ -124,6 +128,7 @@ class DinoV2Recipe(Recipe):
 
     # -- the loop's hooks -------------------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        """Student, teacher, centres and queues to ``device``; the run's length for the teacher momentum."""
         if cfg.fsdp:
             # the EMA would have to run shard by shard against an equally sharded teacher; not written yet
             raise OrnisError("dino-v2 runs with DDP only; fsdp=True is not supported for this recipe")
@@ -133,6 +138,7 @@ class DinoV2Recipe(Recipe):
         self.total_steps = cfg.steps
 
     def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        """Views stacked view-major, plus each sample's mask seed."""
         views = [s[0] for s in samples]
         batch = collate_views(views)
         batch["mask_seeds"] = torch.tensor([v["mask_seed"] for v in views], dtype=torch.long)
@@ -160,10 +166,11 @@ class DinoV2Recipe(Recipe):
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """DINO + iBOT + KoLeo of one micro-batch (module docstring)."""
         cfg = self.config
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         patch_size = self.patch_size_at(step)
-        grid = mask_grid(self.model.backbone, global_crops.shape[-2:], patch_size)
+        grid = self.model.backbone.retention_grid(global_crops.shape[-2:], patch_size)
         masks = self.masks(batch["mask_seeds"].tolist(), grid).to(global_crops.device)
         num_masked = masks.sum(dim=1, keepdim=True).clamp_min(1)
         patch_weights = (1.0 / num_masked).expand_as(masks)[masks]
@@ -197,9 +204,11 @@ class DinoV2Recipe(Recipe):
         return loss, logs
 
     def after_step(self, step: int) -> None:
+        """The teacher follows the student."""
         ema_update(self.teacher, self.model, teacher_momentum(step, self.total_steps, self.config.momentum_teacher))
 
     def state_dict(self) -> dict[str, Any]:
+        """Teacher, centres and queues."""
         state = {
             "teacher": _cpu(self.teacher.state_dict()),
             "centering": _cpu(self.centering.state_dict()),
@@ -209,13 +218,15 @@ class DinoV2Recipe(Recipe):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
         self.teacher.load_state_dict(state["teacher"])
         self.centering.load_state_dict(state["centering"])
         if self.queues is not None:
             self.queues.load_state_dict(state["queues"])
 
     def export_checkpoint(self) -> Checkpoint:
-        return encoder_checkpoint(self.teacher.backbone, {}, self.rgb_stats)
+        """The teacher's backbone, as DINOv2 releases are."""
+        return checkpoint_from_model(self.teacher.backbone, class_to_idx={}, rgb_stats=self.rgb_stats)
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -245,18 +256,11 @@ class DinoV2Options:
 
 
 def build_backbone(opts: DinoV2Options) -> tuple[Encoder, dict[str, Any]]:
-    """The backbone to pretrain (from a checkpoint, or fresh) and its rgb stats."""
-    from ornis.weights.checkpoint import DEFAULT_RGB_STATS
-    from ornis.loading import load_pretrained_model
-    from ornis.models.registry import build_model
-
-    if (opts.weights is None) == (opts.arch is None):
-        raise ValueError("give exactly one of weights (continue pretraining a checkpoint) or arch (from scratch)")
-    if opts.weights is not None:
-        net, info = load_pretrained_model(opts.weights)
-        return net, dict(info.rgb_stats or DEFAULT_RGB_STATS)
-    net = build_model(str(opts.arch), size=opts.crops.global_size, config=opts.model_config)
-    return net, dict(DEFAULT_RGB_STATS)
+    """The backbone to pretrain (from a checkpoint, or fresh at the global crop size) and its rgb stats. A
+    checkpoint keeps its own size: the position embeddings are interpolated to the crops per call."""
+    size = opts.crops.global_size if opts.weights is None else None
+    started = start_encoder(opts.weights, opts.arch, size, opts.model_config)
+    return started.encoder, started.rgb_stats
 
 
 def train_dino_v2(opts: DinoV2Options, cfg: TrainConfig) -> TrainResult:
