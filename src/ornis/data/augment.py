@@ -87,6 +87,10 @@ class MixupCutmix:
         return self.op is not None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(images, targets)``: the batch mixed when ``active``, and soft targets (B, num_classes).
+
+        ``images`` is (B, C, H, W) and ``labels`` (B,) class indices; label smoothing applies either way.
+        """
         if self.op is not None:
             images, targets = self.op(images, labels)
         else:

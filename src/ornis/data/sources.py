@@ -33,9 +33,11 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def name(self, i: int) -> str: ...
+    def name(self, i: int) -> str:
+        """A name for sample ``i`` in messages and outputs (its path, or ``<shard>:<key>`` in a tar)."""
 
-    def read(self, i: int) -> tuple[Image.Image, int]: ...
+    def read(self, i: int) -> tuple[Image.Image, int]:
+        """Sample ``i`` decoded to an RGB PIL image, and its label (-1 when unlabelled)."""
 
 
 class FileSample(NamedTuple):

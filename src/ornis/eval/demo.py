@@ -33,6 +33,8 @@ DRAW_SIZE = 64  # images are drawn at 64 px (as the samples are) and the model's
 
 @dataclass
 class SampleResult:
+    """One sample image: its true and predicted class, the top probability and its nearest neighbours."""
+
     path: str
     true_class: str  # from the file name, ``<class>_<n>.jpg``
     predicted: str
@@ -42,6 +44,8 @@ class SampleResult:
 
 @dataclass
 class DemoResult:
+    """What ``run_demo`` found: per-sample results, top-1 accuracies (fractions) and where the Parquet went."""
+
     model: str
     embeddings_dir: Path
     classes_dir: Path
@@ -54,6 +58,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def format(self) -> str:
+        """A text report: one line per sample image (``x`` marks a wrong prediction), then the totals."""
         lines = [f"model {self.model} (shipped with ornis; no network used)", ""]
         width = max(len(Path(s.path).name) for s in self.samples)
         lines.append(f"{'image':<{width}}  {'predicted':<9}  prob   nearest neighbours (cosine)")
@@ -76,6 +81,7 @@ class DemoResult:
 
 
 def sample_class(path: str | os.PathLike) -> str:
+    """The class in a sample file's name: ``<class>_<n>.jpg`` -> ``<class>``."""
     return Path(path).stem.rsplit("_", 1)[0]
 
 

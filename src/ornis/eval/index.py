@@ -39,6 +39,7 @@ INDEX_FORMAT_VERSION = 1
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` (N, D) as float32 with every row scaled to unit L2 norm (all-zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
@@ -78,6 +79,8 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = 10) -> f
 
 @dataclass
 class EmbeddingIndex:
+    """L2-normalised embeddings and their paths, searchable by cosine similarity; made by ``build_index``."""
+
     embeddings: np.ndarray  # (N, D) L2-normalised float32
     paths: list[str]
     kind: IndexKind = "exact"
@@ -91,6 +94,7 @@ class EmbeddingIndex:
 
     @property
     def dim(self) -> int:
+        """The embedding dimension D."""
         return self.embeddings.shape[1]
 
     def search(self, queries: np.ndarray, k: int = 10, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +124,7 @@ class EmbeddingIndex:
 
     # -- files ---------------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
+        """Write the index files into ``folder`` (created if needed; ``index.json`` last) and return it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "embeddings.npy") as tmp:
@@ -143,6 +148,10 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> EmbeddingIndex:
+        """Read an index ``save`` wrote; ``EmbeddingsFormatError`` if ``folder`` is not one or its files disagree.
+
+        Approximate kinds need FAISS (``OrnisError`` without it).
+        """
         folder = Path(folder)
         meta_path = folder / "index.json"
         if not meta_path.is_file():
@@ -174,6 +183,7 @@ def _apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
 
 
 def choose_kind(count: int) -> IndexKind:
+    """The kind ``kind="auto"`` picks for ``count`` rows: exact below ``EXACT_LIMIT``, else IVF-Flat."""
     return "exact" if count < EXACT_LIMIT else "ivf_flat"
 
 
@@ -266,6 +276,8 @@ def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DuplicatePair:
+    """Two index rows (``a < b``) and their cosine similarity."""
+
     a: int
     b: int
     similarity: float

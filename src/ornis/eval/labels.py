@@ -33,6 +33,7 @@ class EmbeddingTable:
         return len(self.paths)
 
     def subset(self, rows: np.ndarray) -> EmbeddingTable:
+        """A new table of the given rows (an index array), with the same class names and model."""
         labels = None if self.labels is None else self.labels[rows]
         return EmbeddingTable(
             [self.paths[i] for i in rows], self.embeddings[rows], labels, self.class_names, self.model
@@ -111,6 +112,8 @@ def _metadata(source: Path, table: pa.Table) -> dict[str, str]:
 def encode_labels(
     raw: Sequence[str], class_names: Sequence[str] | None, source: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, list[str]]:
+    """Label names -> (int64 indices into the class names, the class names: ``class_names`` or the sorted distinct
+    labels). Raises ``EmbeddingsFormatError`` for a label not among them; ``source`` only names the file."""
     names = list(class_names) if class_names is not None else sorted(set(raw))
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted(set(raw) - index.keys())

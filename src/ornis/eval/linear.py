@@ -43,6 +43,7 @@ class LinearProbe:
     bias: torch.Tensor  # (C,)
 
     def scores(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Class scores (logits), (N, C), of ``embeddings`` (N, D), standardised as the training embeddings were."""
         x = (torch.as_tensor(embeddings, dtype=torch.float32) - self.mean) / self.std
         return (x @ self.weight.T + self.bias).numpy()
 

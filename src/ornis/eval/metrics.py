@@ -10,6 +10,8 @@ import numpy as np
 
 @dataclass
 class ClassificationReport:
+    """Top-1 and top-5 accuracy (fractions) over ``count`` samples, and per-class support, precision and recall."""
+
     top1: float
     top5: float
     count: int
@@ -18,6 +20,7 @@ class ClassificationReport:
     details: dict = field(default_factory=dict)  # method-specific facts (k, temperature, chosen lr, ...)
 
     def format(self, title: str = "") -> str:
+        """A text table: the accuracies, the ``details`` and one line per class, under ``title`` when given."""
         width = max([len(n) for n in self.per_class] + [5])
         lines = [title] if title else []
         lines.append(f"top-1 {self.top1:.4f}  top-5 {self.top5:.4f}  ({self.count} samples)")
@@ -29,6 +32,7 @@ class ClassificationReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict: accuracies, count, per-class stats as dicts, and the ``details`` merged in at the top."""
         return {
             "top1": self.top1,
             "top5": self.top5,

@@ -20,7 +20,8 @@ DEFAULT_CHECK_BATCH = 3
 
 # family -> why its graph cannot take another input size than the one it was exported for
 _PINNED = (
-    "its input-size check (ornis.models.hiera.check_size) turns the sides into Python ints, pinning a trace to one size"
+    "its input-size check (ornis.models.hierarchical.check_size) turns the sides into Python ints, "
+    "pinning a trace to one size"
 )
 FIXED_SIZE_FAMILIES: dict[str, str] = {
     "hiera": f"{_PINNED}; export one file per input size with --size H W",

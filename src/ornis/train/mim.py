@@ -202,6 +202,7 @@ class MaskedSample:
         self.transform, self.num_units, self.mask_ratio = transform, num_units, mask_ratio
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(transformed image, (num_units,) bool mask, True = hidden)."""
         return self.transform(image), random_unit_mask(1, self.num_units, self.mask_ratio, torch.device("cpu"))[0]
 
 

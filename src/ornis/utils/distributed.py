@@ -22,6 +22,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0."""
         return self.rank == 0
 
 
@@ -50,14 +51,17 @@ def close_distributed(info: DistInfo | None = None) -> None:
 
 
 def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is up."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group (1 outside one)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -83,6 +87,7 @@ def default_num_workers(device: torch.device, processes_per_node: int | None = N
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (a no-op outside a process group)."""
     if is_distributed():
         dist.barrier()
 

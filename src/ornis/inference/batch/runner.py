@@ -101,6 +101,7 @@ class ModelRunner:
         return wait
 
     def __call__(self, pixels: torch.Tensor) -> Outputs:
+        """Run one batch and wait for its rows: ``launch(pixels)()``."""
         return self.launch(pixels)()
 
 

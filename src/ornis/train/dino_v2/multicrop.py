@@ -65,6 +65,7 @@ class MultiCropTransform:
         )
 
     def __call__(self, image: Any) -> dict[str, list[torch.Tensor]]:
+        """The views of one image (converted to RGB first when it is a PIL image): 2 global, ``local_crops`` local."""
         image = image.convert("RGB") if hasattr(image, "convert") else image
         return {
             "global_crops": [view(image) for view in self.global_views],

@@ -237,6 +237,7 @@ class DinoV2Views(MultiCropTransform):
     """The multi-crop views plus the seed of the sample's iBOT masks, drawn under the sample's seed like the crops."""
 
     def __call__(self, image: Any) -> dict[str, Any]:
+        """The multi-crop views plus ``mask_seed``, an int in [0, 2**62) drawn from torch's global RNG."""
         out: dict[str, Any] = super().__call__(image)
         out["mask_seed"] = int(torch.randint(0, 2**62, ()))
         return out
