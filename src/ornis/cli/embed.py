@@ -7,6 +7,7 @@ from typing import Any
 
 from ornis.cli.common import add_output_argument, default_of
 from ornis.inference.batch import BatchJob, make_job, run_batch
+from ornis.inference.ray_runner import run_with_ray
 
 PRECISION_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -123,9 +124,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the batch job in this process (one rank under torchrun) or on Ray."""
     job = job_from_args(args)
     if args.ray:
-        # Ray is an optional extra: imported only when asked for
-        from ornis.inference.ray_runner import run_with_ray
-
         run_with_ray(job, address=args.ray_address, num_tasks=args.ray_workers)
     else:
         run_batch(job)  # the summary is logged by rank 0
