@@ -44,3 +44,45 @@ def default_arg(func: Any, name: str) -> Any:
     if parameter.default is inspect.Parameter.empty:
         raise ValueError(f"{func.__qualname__}({name}) has no default")
     return parameter.default
+
+
+def _number(kind: type, text: str, minimum: float | None, maximum: float | None, inclusive_min: bool) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and value != value:
+        raise argparse.ArgumentTypeError("nan is not a number")
+    if minimum is not None and (value < minimum or (value == minimum and not inclusive_min)):
+        raise argparse.ArgumentTypeError(f"{text} must be {'at least' if inclusive_min else 'above'} {minimum}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"{text} must be at most {maximum}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(int, text, 1, None, True)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(int, text, 0, None, True)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    return _number(float, text, 0.0, None, False)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    return _number(float, text, 0.0, None, True)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1)."""
+    value = _number(float, text, 0.0, None, False)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be below 1")
+    return value
