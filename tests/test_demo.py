@@ -81,3 +81,37 @@ def test_cli_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatc
     out = capsys.readouterr().out
     assert "checker_0.jpg" in out and "held-out generated set (80 images" in out
     assert sorted(p.name for p in (tmp_path / "demo" / "embeddings").glob("part-*.parquet")) == ["part-00000.parquet"]
+
+
+def test_demo_checks_its_arguments_and_output_before_the_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 15: `ornis demo -o FILE` and `--held-out -5` failed with a traceback after classifying and embedding
+    import ornis.eval.demo as demo
+    from ornis.cli.main import main
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo started its work before checking its arguments")
+
+    monkeypatch.setattr(demo, "embed", no_work)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    for held_out in (-5, 0, 1):
+        with pytest.raises(ValueError, match=f"held_out must be an integer >= 2, got {held_out}"):
+            demo.run_demo(tmp_path / "out", held_out=held_out)
+    with pytest.raises(ValueError, match="neighbours must be an integer >= 1, got 0"):
+        demo.run_demo(tmp_path / "out", neighbours=0)
+    with pytest.raises(FileExistsError):
+        demo.run_demo(tmp_path / "a_file")
+    capsys.readouterr()
+    for argv, code, text in (
+        (["-o", str(tmp_path / "a_file")], 1, f"ornis: error: {tmp_path / 'a_file'}: Not a directory"),
+        (["-o", str(tmp_path / "a_file" / "sub")], 1, f"ornis: error: {tmp_path / 'a_file'}: Not a directory"),
+        (["--held-out", "-5"], 2, "ornis demo: error: argument --held-out: -5 must be at least 2"),
+        (["--held-out", "1"], 2, "ornis demo: error: argument --held-out: 1 must be at least 2"),
+    ):
+        assert main(["demo", *argv]) == code
+        captured = capsys.readouterr()
+        assert captured.err.strip().splitlines()[-1].startswith(text)
+        assert "Traceback" not in captured.err and captured.out == ""
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ornis-demo").exists()

@@ -150,3 +150,92 @@ def test_query_images_are_embedded_with_the_index_model(tmp_path: Path, capsys: 
     assert ids[:, 0].tolist() == [4, 2] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     assert main(["index", "search", str(tmp_path / "idx"), str(outside), "-k", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith(Path(samples[4]).name)
+
+
+def test_non_finite_rows_are_refused_or_left_out_and_never_rank_first(tmp_path: Path) -> None:
+    # Issue 15, bad 8: NaN rows gave a numpy RuntimeWarning at build, ranked first in every search and made pairs
+    # with similarity "nan" in the duplicates report
+    x = clustered(100, 8, 5)
+    x[10] = np.nan
+    x[20, 3] = np.inf
+    paths = [f"img/{i}.jpg" for i in range(100)]
+    with pytest.raises(EmbeddingsFormatError, match=r"2 of 100 rows have non-finite embeddings.*'img/10.jpg'"):
+        build_index(x, paths)
+    index = build_index(x, paths, drop_non_finite=True)
+    assert len(index) == 98 and index.params == {"dropped_non_finite": 2}
+    assert "img/10.jpg" not in index.paths and "img/20.jpg" not in index.paths
+    assert np.isfinite(index.embeddings).all()
+    _, ids = index.search(index.embeddings[:5], 1, normalized=True)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # each row is its own nearest, not a NaN row
+    assert all(np.isfinite(p.similarity) for p in near_duplicates(index, threshold=-1.0, neighbours=3))
+    with pytest.raises(EmbeddingsFormatError, match="1 of 2 queries have non-finite embeddings"):
+        index.search(np.stack([x[0], x[10]]))
+    # An index saved before this check existed: refused at load, with what to do
+    EmbeddingIndex(x, paths).save(tmp_path / "old")
+    with pytest.raises(EmbeddingsFormatError, match="2 of 100 rows have non-finite.*build the index again"):
+        EmbeddingIndex.load(tmp_path / "old")
+
+
+def test_index_arguments_are_validated() -> None:
+    index = build_index(clustered(50, 8, 5))
+    for threshold in (1.5, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="threshold must be a cosine similarity in"):
+            near_duplicates(index, threshold)
+    with pytest.raises(ValueError, match="neighbours must be a positive integer, got 0"):
+        near_duplicates(index, 0.9, neighbours=0)
+    for k in (0, -3):
+        with pytest.raises(ValueError, match=f"k must be a positive integer, got {k}"):
+            index.search(index.embeddings[:1], k)
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        build_index(clustered(50, 8, 5), target_recall=0.0)
+
+
+def test_cli_index_refuses_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ornis.cli.main import main
+
+    x = clustered(60, 8, 5)
+    x[[4, 7]] = np.nan
+    emb = write_parquet(tmp_path / "emb.parquet", x, [f"/photos/{i:03d}.jpg" for i in range(60)])
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "query.jpg").write_text("not an image")
+    idx = str(tmp_path / "idx")
+    capsys.readouterr()
+    for argv, code, text in (
+        (["build", str(emb), "-o", idx], 1, f"ornis: error: {emb}: 2 of 60 rows have non-finite embeddings"),
+        (["build", str(emb), "-o", str(tmp_path / "a_file")], 1, f"ornis: error: {tmp_path / 'a_file'}: Not a dir"),
+        (["build", str(emb), "-o", idx, "--target-recall", "1.5"], 2, "ornis index build: error: argument --target"),
+    ):
+        assert main(["index", *argv]) == code
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(text) and "Traceback" not in err
+    assert not (tmp_path / "idx").exists()
+    assert main(["index", "build", str(emb), "-o", idx, "--drop-non-finite"]) == 0
+    assert "exact index of 58 x 8" in capsys.readouterr().out
+    for argv, code, text in (
+        (["search", idx, "3", "-k", "0"], 2, "ornis index search: error: argument -k: 0 must be at least 1"),
+        (["search", idx, str(tmp_path / "query.jpg"), "--model", "ornis_shapes_vit_tiny"], 1, "ornis: error: "),
+        (["search", idx, str(tmp_path)], 1, f"ornis: error: query {str(tmp_path)!r} is a folder, not an image file"),
+        (["search", idx, "-3"], 1, "ornis: error: query '-3' is not an image file, a row id (0 to 57)"),
+        (["duplicates", idx, "--threshold", "1.5"], 2, "ornis index duplicates: error: argument --threshold"),
+        (["duplicates", idx, "--csv", str(tmp_path)], 1, f"ornis: error: {tmp_path}: Is a directory"),
+    ):
+        assert main(["index", *argv]) == code
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(text) and "Traceback" not in err
+        if "query.jpg" in argv[2]:
+            assert err.strip().endswith("query.jpg: not an image (no known image format)")
+
+
+def test_a_damaged_index_folder_is_one_typed_error(tmp_path: Path) -> None:
+    folder = build_index(clustered(20, 4, 2)).save(tmp_path / "idx")
+    meta = (folder / "index.json").read_text()
+    (folder / "index.json").write_text("{not json")
+    with pytest.raises(EmbeddingsFormatError, match=r"idx: a damaged index \(JSONDecodeError"):
+        EmbeddingIndex.load(folder)
+    (folder / "index.json").write_text(meta.replace('"dim"', '"width"'))
+    with pytest.raises(EmbeddingsFormatError, match=r"a damaged index \(KeyError: 'dim'\)"):
+        EmbeddingIndex.load(folder)
+    (folder / "index.json").write_text(meta)
+    (folder / "embeddings.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(EmbeddingsFormatError, match="a damaged index"):
+        EmbeddingIndex.load(folder)

@@ -1,10 +1,17 @@
-"""What every command spells the same way: the output option, and defaults read from the library's dataclasses."""
+"""What every command spells the same way: the output option, defaults read from the library's dataclasses,
+argument types that refuse out-of-range values at the command line, and the check that an output can be written
+before the work starts."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -86,3 +93,44 @@ def fraction(text: str) -> float:
     if value >= 1.0:
         raise argparse.ArgumentTypeError(f"{text} must be below 1")
     return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        return _number(int, text, minimum, None, True)
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+def cosine(text: str) -> float:
+    """argparse type: a cosine similarity, a number in [-1, 1]."""
+    return _number(float, text, -1.0, 1.0, True)
+
+
+def _os_error(code: int, path: Path) -> OSError:
+    return OSError(code, os.strerror(code), str(path))
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: ``path`` (a file, or with ``folder=True`` a folder)
+    exists as the other kind, a part of its parent is a file, or its nearest existing folder does not take a new file
+    (permissions, read-only file system; tried by creating and removing one, so it holds for root too). Raises the
+    ``OSError`` the write would have raised later, naming the path; returns ``path``. Creates nothing."""
+    path = Path(path)
+    if path.exists() and folder != path.is_dir():
+        raise _os_error(errno.ENOTDIR if folder else errno.EISDIR, path)
+    where = path if folder and path.is_dir() else path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise _os_error(errno.ENOTDIR, where)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ornis-write-check-", dir=where)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(where)) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path

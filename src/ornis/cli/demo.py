@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ornis.cli.common import add_output_argument, default_arg
+from ornis.cli.common import add_output_argument, check_writable, default_arg, int_at_least
 from ornis.eval.demo import run_demo
 
 
@@ -20,12 +20,16 @@ def register(subparsers: Any) -> None:
     )
     held_out = default_arg(run_demo, "held_out")
     p.add_argument(
-        "--held-out", type=int, default=held_out, help=f"generated held-out images to measure on (default {held_out})"
+        "--held-out",
+        type=int_at_least(2),
+        default=held_out,
+        help=f"generated held-out images to measure on, at least 2 (default {held_out})",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo and print its report."""
+    """Run the demo and print its report (the output folder checked to be writable first)."""
+    check_writable(args.output, folder=True)
     print(run_demo(args.output, held_out=args.held_out).format())
     return 0

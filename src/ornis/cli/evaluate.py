@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ornis.cli.common import default_arg
+from ornis.cli.common import (
+    check_writable,
+    default_arg,
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from ornis.eval import evaluate_knn, evaluate_linear_probe, read_embeddings
 from ornis.utils.fs import atomic_write_json
 
@@ -32,6 +39,11 @@ def register(subparsers: Any) -> None:
         q.add_argument("--test", metavar="TEST", help=f"embeddings of the test set; without it: {without}")
         q.add_argument("--label-column", help="column holding the labels (default: the parent folder of `path`)")
         q.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+        q.add_argument(
+            "--drop-non-finite",
+            action="store_true",
+            help="leave out rows whose embedding holds NaN or Inf, and say how many (default: refuse the file)",
+        )
         if method == "knn":
             _knn_arguments(q)
         else:
@@ -41,9 +53,12 @@ def register(subparsers: Any) -> None:
 
 def _knn_arguments(q: argparse.ArgumentParser) -> None:
     k, temperature = default_arg(evaluate_knn, "k"), default_arg(evaluate_knn, "temperature")
-    q.add_argument("-k", type=int, default=k, help=f"neighbours that vote (default {k})")
+    q.add_argument("-k", type=positive_int, default=k, help=f"neighbours that vote (default {k})")
     q.add_argument(
-        "--temperature", type=float, default=temperature, help=f"vote weight exp(sim / T) (default {temperature})"
+        "--temperature",
+        type=positive_float,
+        default=temperature,
+        help=f"vote weight exp(sim / T), above 0; inf: equal votes (default {temperature})",
     )
 
 
@@ -51,22 +66,31 @@ def _linear_arguments(q: argparse.ArgumentParser) -> None:
     def default(name: str) -> Any:
         return default_arg(evaluate_linear_probe, name)
 
-    q.add_argument("--lrs", type=float, nargs="+", default=list(default("lrs")), help="learning rates to try")
+    q.add_argument("--lrs", type=positive_float, nargs="+", default=list(default("lrs")), help="learning rates to try")
     q.add_argument(
-        "--weight-decays", type=float, nargs="+", default=list(default("weight_decays")), help="L2 penalties to try"
+        "--weight-decays",
+        type=non_negative_float,
+        nargs="+",
+        default=list(default("weight_decays")),
+        help="L2 penalties to try",
     )
-    q.add_argument("--epochs", type=int, default=default("epochs"))
+    q.add_argument("--epochs", type=positive_int, default=default("epochs"))
     q.add_argument(
-        "--held-out", type=float, default=default("held_out"), help="fraction held out for the sweep (and test)"
+        "--held-out", type=fraction, default=default("held_out"), help="fraction held out for the sweep (and test)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate, print the report, and write it as JSON when asked."""
-    train = read_embeddings(args.train, label_column=args.label_column)
-    test = (
-        read_embeddings(args.test, label_column=args.label_column, class_names=train.class_names) if args.test else None
-    )
+    """Evaluate, print the report, and write it as JSON when asked (checked to be writable before the work)."""
+    if args.json:
+        check_writable(args.json)
+    drop = args.drop_non_finite
+    train = read_embeddings(args.train, label_column=args.label_column, drop_non_finite=drop)
+    test = None
+    if args.test:
+        test = read_embeddings(
+            args.test, label_column=args.label_column, class_names=train.class_names, drop_non_finite=drop
+        )
     if args.method == "knn":
         report = evaluate_knn(train, test, k=args.k, temperature=args.temperature)
     else:

@@ -3,13 +3,31 @@
 Each sub-command lives in its own module under ``ornis.cli`` with ``register(subparsers)``, which adds its parser
 and sets ``func`` (taking the parsed namespace, returning an exit code). The modules are imported by name here, so
 a command whose module fails to import is an error at start-up, never a command that silently goes missing.
+
+Errors. A user mistake ends in exactly one line on stderr, ``ornis: error: WHAT`` (argparse's own
+``ornis COMMAND: error: WHAT`` after the usage line for a malformed command line), and an exit code:
+
+- 2, usage: the command line could not be parsed (argparse), or a library function refused the value of an argument
+  (``ValueError`` / ``TypeError``: the library raises them, naming the argument, for a value out of range or of the
+  wrong kind, and for nothing else);
+- 1, failure: everything ornis refuses on purpose (``OrnisError``: a file that is not what it should be, an unknown
+  model, a checksum mismatch, ...), an operating-system error (``OSError``: no such file, permission denied,
+  read-only file system, disk full, is a directory; printed as ``PATH: reason``), and anything unexpected (its type
+  and first line, with a hint to run again with ``--debug``);
+- 130: interrupted (Ctrl-C); 141: stdout was closed early (``ornis models list | head``), silently.
+
+``--debug`` (anywhere on the command line, or ``ORNIS_DEBUG=1``) prints the traceback above the error line; ``-v``
+logs debug messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+import traceback
 
 from ornis._version import __version__
 from ornis.cli import convert, demo, embed, evaluate, export, index, models, train
@@ -17,34 +35,92 @@ from ornis.errors import OrnisError
 
 COMMANDS = (models, convert, embed, export, train, evaluate, index, demo)
 
+USAGE, FAILURE, INTERRUPTED, BROKEN_PIPE = 2, 1, 130, 141
+MESSAGE_LIMIT = 2000  # characters of an error line; a longer message is cut (--debug shows it whole)
+DEBUG_FLAG = "--debug"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ornis`` parser with every sub-command registered."""
     parser = argparse.ArgumentParser(prog="ornis", description="Pretrained vision-transformer image encoders.")
     parser.add_argument("--version", action="version", version=f"ornis {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        DEBUG_FLAG, action="store_true", help="print the traceback of an error (anywhere on the command line)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
     return parser
 
 
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (accepted after the command too, where argparse would not know it), and whether
+    it was there. Arguments after ``--`` are left alone."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a != DEBUG_FLAG]
+    return head + argv[end:], len(head) < end or os.environ.get("ORNIS_DEBUG", "") not in ("", "0")
+
+
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as a single line: its lines joined with ``"; "``, cut at ``limit`` characters."""
+    line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    if len(line) > limit:
+        line = f"{line[:limit]}... ({len(line) - limit} more characters; --debug shows all)"
+    return line
+
+
+def os_error_message(e: OSError) -> str:
+    """``PATH: reason`` for an operating-system error (both paths of a rename or copy), e.g.
+    ``out/x.json: Permission denied``, ``No space left on device`` when the error names no file."""
+    reason = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or str(e) or type(e).__name__
+    paths = [os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def describe(e: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line message of an exception that ended a command (the rule in the docstring)."""
+    if isinstance(e, OrnisError):
+        return FAILURE, one_line(str(e) or type(e).__name__)
+    if isinstance(e, OSError):
+        return FAILURE, one_line(os_error_message(e))
+    if isinstance(e, (ValueError, TypeError)):
+        return USAGE, one_line(str(e) or type(e).__name__)
+    return FAILURE, one_line(f"unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and `ornis COMMAND: error: ...` (or --help, --version)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USAGE
     try:
         return int(args.func(args) or 0)
-    except OrnisError as e:
-        print(f"ornis: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("ornis: interrupted", file=sys.stderr)
-        return 130
+        if debug:
+            traceback.print_exc()
+        print("ornis: error: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say; point stdout at nothing so the exit flush is quiet
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured in-process)
+            pass
+        return BROKEN_PIPE
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+        if debug:
+            traceback.print_exc()
+        code, message = describe(e)
+        print(f"ornis: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -93,9 +93,17 @@ def run_demo(
     held_out: int = 400,
     neighbours: int = 3,
 ) -> DemoResult:
-    """Run the demo, writing ``out/embeddings`` and ``out/classes`` (Parquet, as ``ornis embed`` / ``classify``)."""
+    """Run the demo, writing ``out/embeddings`` and ``out/classes`` (Parquet, as ``ornis embed`` / ``classify``).
+
+    ``held_out`` (at least 2: the k-NN is leave-one-out) and ``neighbours`` are checked, and ``out`` created, before
+    any work: a bad value is a ``ValueError`` naming it, an ``out`` that is a file the ``OSError`` of creating it.
+    """
+    for name, value, minimum in (("held_out", held_out, 2), ("neighbours", neighbours, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     started = time.perf_counter()
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     emb_dir, cls_dir = out / "embeddings", out / "classes"
     # A handful of images: no loader worker processes to start, no progress bar
     options = {"num_workers": 0, "batch_size": 32, "progress": False, "device": "cpu"}

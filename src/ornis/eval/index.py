@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ornis.data.transforms import classification_transform
-from ornis.errors import EmbeddingsFormatError, OrnisError
+from ornis.errors import EmbeddingsFormatError, OrnisError, first_line
+from ornis.eval.labels import EmbeddingTable, check_finite
 from ornis.inference.classification import open_rgb
 from ornis.loading import load_pretrained_model
 from ornis.utils.fs import atomic_path, atomic_write_json
@@ -99,9 +100,13 @@ class EmbeddingIndex:
 
     def search(self, queries: np.ndarray, k: int = 10, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and row ids of each query's ``k`` nearest rows, (Q, k) each, most similar first."""
+        _check_count("k", k)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if queries.shape[1] != self.dim:
-            raise EmbeddingsFormatError(f"queries have {queries.shape[1]} dimensions, the index has {self.dim}")
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise EmbeddingsFormatError(f"queries have {queries.shape[-1]} dimensions, the index has {self.dim}")
+        bad = int((~np.isfinite(queries).all(axis=1)).sum())
+        if bad:
+            raise EmbeddingsFormatError(f"{bad} of {len(queries)} queries have non-finite embeddings (NaN or Inf)")
         if not normalized:
             queries = normalize_rows(queries)
         k = min(k, len(self))
@@ -112,15 +117,17 @@ class EmbeddingIndex:
 
     def row_of(self, path: str) -> int:
         """The row of an indexed path (exact string, else the only row whose path ends with it)."""
+        matches = self._rows_matching(path)
+        if len(matches) == 1:
+            return matches[0]
+        raise EmbeddingsFormatError(f"{path!r} is not a single indexed path: {_none_or_many(matches)}")
+
+    def _rows_matching(self, path: str) -> list[int]:
         if not hasattr(self, "_rows"):
             self._rows = {p: i for i, p in enumerate(self.paths)}
         if path in self._rows:
-            return self._rows[path]
-        matches = [i for i, p in enumerate(self.paths) if p.endswith((os.sep + path, "/" + path))]
-        if len(matches) == 1:
-            return matches[0]
-        found = f"{len(matches)} rows end with it" if matches else "no row has it"
-        raise EmbeddingsFormatError(f"{path!r} is not a single indexed path: {found}")
+            return [self._rows[path]]
+        return [i for i, p in enumerate(self.paths) if p.endswith((os.sep + path, "/" + path))]
 
     # -- files ---------------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
@@ -158,13 +165,23 @@ class EmbeddingIndex:
             raise EmbeddingsFormatError(
                 f"{folder}: not an index folder (no index.json; build one with `ornis index build`)"
             )
-        meta = json.loads(meta_path.read_text())
-        embeddings = np.load(folder / "embeddings.npy", allow_pickle=False)
-        paths = json.loads((folder / "paths.json").read_text())
-        if embeddings.shape != (meta["count"], meta["dim"]) or len(paths) != meta["count"]:
+        try:
+            meta = json.loads(meta_path.read_text())
+            embeddings = np.load(folder / "embeddings.npy", allow_pickle=False)
+            paths = json.loads((folder / "paths.json").read_text())
+            shape = (meta["count"], meta["dim"], meta["kind"], meta["params"])[:2]
+        except (ValueError, KeyError, TypeError, EOFError) as e:  # bad JSON, a pickled or truncated array, a lost key
+            raise EmbeddingsFormatError(f"{folder}: a damaged index ({type(e).__name__}: {first_line(e)})") from None
+        if embeddings.shape != shape or len(paths) != meta["count"]:
             raise EmbeddingsFormatError(
                 f"{folder}: index.json says {meta['count']} x {meta['dim']}, found embeddings {embeddings.shape} and "
                 f"{len(paths)} paths"
+            )
+        bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+        if bad:  # an index built before non-finite rows were refused: they would rank first in every search
+            raise EmbeddingsFormatError(
+                f"{folder}: {bad} of {len(paths)} rows have non-finite embeddings (NaN or Inf); build the index again "
+                "(`ornis index build --drop-non-finite` leaves them out)"
             )
         faiss_index = None
         if meta["kind"] != "exact":
@@ -173,6 +190,10 @@ class EmbeddingIndex:
         return cls(
             embeddings, paths, meta["kind"], meta.get("model"), meta.get("recall_at_10"), meta["params"], faiss_index
         )
+
+
+def _none_or_many(matches: list[int]) -> str:
+    return f"{len(matches)} rows end with it" if matches else "no row has it"
 
 
 def _apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
@@ -196,22 +217,31 @@ def build_index(
     target_recall: float = DEFAULT_TARGET_RECALL,
     recall_sample: int = RECALL_SAMPLE,
     seed: int = 0,
+    drop_non_finite: bool = False,
 ) -> EmbeddingIndex:
     """An index over ``embeddings`` (N, D). ``kind="auto"``: exact below ``EXACT_LIMIT`` rows, else IVF-Flat.
 
     For approximate kinds the search breadth (IVF ``nprobe``, HNSW ``efSearch``) is doubled until recall@10
     against exact search on ``recall_sample`` rows reaches ``target_recall``; the recall reached is recorded.
+    Rows holding NaN or Inf are an ``EmbeddingsFormatError`` with their count, or left out (with their paths) when
+    ``drop_non_finite=True``; the index's ``params`` then record ``dropped_non_finite``.
     """
-    x = normalize_rows(embeddings)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise EmbeddingsFormatError(f"expected a non-empty (N, D) array of embeddings, found shape {x.shape}")
-    paths = list(paths) if paths is not None else [str(i) for i in range(len(x))]
-    if len(paths) != len(x):
-        raise EmbeddingsFormatError(f"{len(paths)} paths for {len(x)} embeddings")
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    _check_count("recall_sample", recall_sample)
+    raw = np.asarray(embeddings, dtype=np.float32)
+    if raw.ndim != 2 or raw.shape[0] == 0:
+        raise EmbeddingsFormatError(f"expected a non-empty (N, D) array of embeddings, found shape {raw.shape}")
+    paths = list(paths) if paths is not None else [str(i) for i in range(len(raw))]
+    if len(paths) != len(raw):
+        raise EmbeddingsFormatError(f"{len(paths)} paths for {len(raw)} embeddings")
+    table = check_finite(EmbeddingTable(paths, raw), drop_non_finite)
+    x, paths = normalize_rows(table.embeddings), table.paths
+    dropped = {"dropped_non_finite": table.dropped_non_finite} if table.dropped_non_finite else {}
     if kind == "auto":
         kind = choose_kind(len(x))
     if kind == "exact":
-        return EmbeddingIndex(x, paths, "exact", model)
+        return EmbeddingIndex(x, paths, "exact", model, params=dropped)
     faiss = _faiss()
     d = x.shape[1]
     if kind == "ivf_flat":
@@ -253,7 +283,7 @@ def build_index(
         breadth_key,
         params[breadth_key],
     )
-    return EmbeddingIndex(x, paths, kind, model, recall, params, index)
+    return EmbeddingIndex(x, paths, kind, model, recall, {**params, **dropped}, index)
 
 
 def _doubling(start: int, stop: int) -> list[int]:
@@ -289,6 +319,9 @@ def near_duplicates(index: EmbeddingIndex, threshold: float = 0.95, neighbours: 
     Each row's ``neighbours`` nearest rows are checked, so a row with more near-copies than that reports only its
     closest ones (a cluster of copies still shows up as pairs).
     """
+    if not -1.0 <= threshold <= 1.0:  # also refuses NaN
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+    _check_count("neighbours", neighbours)
     found: dict[tuple[int, int], float] = {}
     chunk = 4096
     for start in range(0, len(index), chunk):
@@ -301,6 +334,12 @@ def near_duplicates(index: EmbeddingIndex, threshold: float = 0.95, neighbours: 
                 found[(min(r, j), max(r, j))] = max(s, found.get((min(r, j), max(r, j)), -1.0))
     pairs = [DuplicatePair(a, b, s) for (a, b), s in found.items()]
     return sorted(pairs, key=lambda p: (-p.similarity, p.a, p.b))
+
+
+def _check_count(name: str, value: int) -> None:
+    """``ValueError`` naming the argument unless ``value`` is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def embed_images(paths: list[str], model: str, batch_size: int = 32) -> np.ndarray:
@@ -330,7 +369,14 @@ def resolve_queries(
             if row >= len(index):
                 raise EmbeddingsFormatError(f"row {row} is out of range: the index has {len(index)} rows")
         elif q in index.paths or not Path(q).is_file():
-            row = index.row_of(q)
+            matches = index._rows_matching(q)
+            if len(matches) != 1:
+                kind = "a folder, not an image file," if Path(q).is_dir() else "not an image file,"
+                raise EmbeddingsFormatError(
+                    f"query {q!r} is {kind} a row id (0 to {len(index) - 1}) or a single indexed path "
+                    f"({_none_or_many(matches)})"
+                )
+            row = matches[0]
         else:
             row = None
         rows.append(row)

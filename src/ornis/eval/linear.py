@@ -4,6 +4,7 @@ held-out part of the training set, then refitted on all of it."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ornis.errors import EmbeddingsFormatError
-from ornis.eval.labels import EmbeddingTable, stratified_split
-from ornis.eval.metrics import ClassificationReport, classification_report
+from ornis.errors import EmbeddingsFormatError, OrnisError
+from ornis.eval.labels import EmbeddingTable, check_classes, check_finite, stratified_split
+from ornis.eval.metrics import ClassificationReport, classification_report, dropped_details, top_classes
 
 DEFAULT_LRS = (1e-3, 1e-2)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
@@ -94,22 +95,35 @@ def evaluate_linear_probe(
     held_out: float = 0.2,
     epochs: int = 100,
     seed: int = 0,
+    drop_non_finite: bool = False,
 ) -> ClassificationReport:
     """Linear-probe accuracy on ``test``; without ``test``, on a stratified ``held_out`` part of ``train``.
 
     The (lr, weight decay) pair is chosen by accuracy on a held-out ``held_out`` part of the (remaining) training
-    rows; the probe is then refitted on all training rows with it.
+    rows; the probe is then refitted on all training rows with it. The training set needs at least two classes; rows
+    with NaN or Inf embeddings are an ``EmbeddingsFormatError`` unless ``drop_non_finite=True`` leaves them out
+    (their count goes into the report's details). A fit that diverges (non-finite scores) is never chosen.
     """
-    if train.labels is None or train.class_names is None:
-        raise EmbeddingsFormatError("a linear probe needs a labelled training set")
+    check_probe_arguments(lrs, weight_decays, held_out, epochs)
+    train = check_finite(train, drop_non_finite)
+    check_classes(train, "a linear probe")
     names = train.class_names
     if test is None:
+        dropped = dropped_details(train)  # before the split: both parts carry the count
         kept, out = stratified_split(train.labels, held_out, seed)
         train, test = train.subset(kept), train.subset(out)
         protocol = f"held-out {held_out:.0%} of one set"
     else:
         if test.labels is None or test.class_names != names:
-            raise EmbeddingsFormatError("the test set needs labels encoded with the training set's class names")
+            raise EmbeddingsFormatError(
+                f"{test.name}: the test set needs labels encoded with the training set's class names"
+            )
+        test = check_finite(test, drop_non_finite)
+        dropped = dropped_details(train, test)
+        if test.embeddings.shape[1] != train.embeddings.shape[1]:
+            raise EmbeddingsFormatError(
+                f"embedding sizes differ: train {train.embeddings.shape[1]}, test {test.embeddings.shape[1]}"
+            )
         protocol = "train/test"
     fit_rows, val_rows = stratified_split(train.labels, held_out, seed + 1)
     sweep: dict[tuple[float, float], float] = {}
@@ -123,12 +137,38 @@ def evaluate_linear_probe(
             epochs=epochs,
             seed=seed,
         )
-        pred = probe.scores(train.embeddings[val_rows]).argmax(axis=1)
-        sweep[(lr, wd)] = float((pred == train.labels[val_rows]).mean())
+        scores = probe.scores(train.embeddings[val_rows])
+        pred = top_classes(scores, 1)[:, 0]
+        # a diverged fit (a too large learning rate) scores NaN: never chosen
+        sweep[(lr, wd)] = float((pred == train.labels[val_rows]).mean()) if np.isfinite(scores).all() else -1.0
     # Ties go to the stronger penalty, then the smaller learning rate: the more conservative fit
     lr, wd = max(sweep, key=lambda p: (sweep[p], p[1], -p[0]))
     probe = fit_linear_probe(
         train.embeddings, train.labels, len(names), lr=lr, weight_decay=wd, epochs=epochs, seed=seed
     )
-    details = {"lr": lr, "weight_decay": wd, "sweep_val_top1": round(sweep[(lr, wd)], 4), "protocol": protocol}
-    return classification_report(probe.scores(test.embeddings), test.labels, names, details)
+    scores = probe.scores(test.embeddings)
+    if not np.isfinite(scores).all():
+        raise OrnisError(
+            f"the linear probe diverged (non-finite scores) at lr={lr}: try smaller learning rates (--lrs)"
+        )
+    details = {
+        "lr": lr,
+        "weight_decay": wd,
+        "sweep_val_top1": round(sweep[(lr, wd)], 4),
+        "protocol": protocol,
+        **dropped,
+    }
+    return classification_report(scores, test.labels, names, details)
+
+
+def check_probe_arguments(lrs: Sequence[float], weight_decays: Sequence[float], held_out: float, epochs: int) -> None:
+    """``ValueError`` naming the argument for an empty sweep, a learning rate not above 0, a negative or NaN
+    weight decay, a held-out fraction outside (0, 1) or fewer than one epoch."""
+    if not len(lrs) or not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+        raise ValueError(f"lrs must be one or more positive numbers, got {list(lrs)}")
+    if not len(weight_decays) or not all(wd >= 0 and math.isfinite(wd) for wd in weight_decays):
+        raise ValueError(f"weight_decays must be one or more numbers >= 0, got {list(weight_decays)}")
+    if not 0.0 < held_out < 1.0:
+        raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")

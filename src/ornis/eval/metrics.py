@@ -42,6 +42,27 @@ class ClassificationReport:
         }
 
 
+def top_classes(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best classes of each row of ``scores`` (N, C), best first: (N, k).
+
+    One ranking serves top-1 and top-k, so top-k can never miss the top-1 prediction (``argmax`` and
+    ``argpartition`` used to disagree on NaN scores, which ``argmax`` ranks first and ``argpartition`` last, and on
+    ties). Ties go to the lower class index, as ``argmax``'s do; NaN ranks below every number.
+    """
+    cost = -np.where(np.isnan(scores), -np.inf, scores)  # lower is better
+    n, c = cost.shape
+    k = min(k, c)
+    part = np.argpartition(cost, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
+    order = np.lexsort((part, np.take_along_axis(cost, part, axis=1)), axis=1)  # by cost, then class index
+    return np.take_along_axis(part, order, axis=1)
+
+
+def dropped_details(*tables: object) -> dict[str, int]:
+    """``{"dropped_non_finite": n}`` for a report's details when rows of these tables were left out, else ``{}``."""
+    dropped = sum(getattr(t, "dropped_non_finite", 0) for t in tables if t is not None)
+    return {"dropped_non_finite": dropped} if dropped else {}
+
+
 def classification_report(
     scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str], details: dict | None = None
 ) -> ClassificationReport:
@@ -51,9 +72,8 @@ def classification_report(
     n, c = scores.shape
     if n == 0:
         raise ValueError("no samples to evaluate")
-    k = min(5, c)
-    topk = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < c else np.tile(np.arange(c), (n, 1))
-    pred = scores.argmax(axis=1)
+    topk = top_classes(scores, min(5, c))
+    pred = topk[:, 0]
     top1 = float((pred == labels).mean())
     top5 = float((topk == labels[:, None]).any(axis=1).mean())
     per_class = {}
