@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from PIL import Image
 from support.images import BAD_REASONS, encode, make_bad_images, make_good_images, ramp16
 
-from ornis.data.decode import DecodeOptions, ImageDecodeError, decode_image
+from ornis.data.decode import DecodeOptions, ImageDecodeError, _read_capped, decode_image, read_image_bytes
 from ornis.inference.classification import open_rgb
 
 
@@ -80,3 +82,48 @@ def test_default_limit_catches_a_real_bomb() -> None:
     assert len(bomb) < 50_000
     with pytest.raises(ImageDecodeError, match="decompression bomb"):
         decode_image(bomb)
+
+
+def _in_thread(call, seconds: float = 10.0):
+    """``call()``'s result or exception, or a failure when it does not return in ``seconds`` (a blocked read)."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = call()
+        except Exception as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    return box
+
+
+def test_special_files_are_refused_before_reading(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "x.jpg")
+    os.symlink("/dev/urandom", tmp_path / "r.jpg")
+    (tmp_path / "d.jpg").mkdir()
+    kinds = {"x.jpg": "a FIFO", "r.jpg": "a character device", "d.jpg": "a folder"}
+    for name, kind in kinds.items():
+        box = _in_thread(lambda name=name: decode_image(tmp_path / name))
+        error = box.get("error")
+        assert isinstance(error, ImageDecodeError), (name, box)
+        assert error.reason == f"not a regular file ({kind}); skipped without reading"
+
+
+def test_reads_stop_at_the_byte_limit(tmp_path: Path, good: dict[str, Path]) -> None:
+    data = good["rgb_jpeg"].read_bytes()
+    assert read_image_bytes(good["rgb_jpeg"], max_bytes=len(data)) == data
+    with pytest.raises(ImageDecodeError, match=f"file too large \\({len(data)} bytes, limit {len(data) - 1}\\)"):
+        read_image_bytes(good["rgb_jpeg"], max_bytes=len(data) - 1)
+    with pytest.raises(ImageDecodeError, match="file too large"):
+        decode_image(data, DecodeOptions(max_bytes=100))
+    # A file that grows after its size was read is still read no further than the limit
+    with open(good["rgb_jpeg"], "rb") as f:
+        assert len(_read_capped(f, 10, 1000)) == 1000
+    with pytest.raises(ValueError, match="max_bytes must be a positive integer, got 0"):
+        DecodeOptions(max_bytes=0)
+    with pytest.raises(ValueError, match="max_pixels must be a positive integer, got -1"):
+        DecodeOptions(max_pixels=-1)

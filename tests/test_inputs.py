@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 from support.images import encode, random_rgb
 
-from ornis.data.datasets import ShardDataset, plan_shards, write_plan
+from ornis.data.datasets import InputError, InputProblem, ShardDataset, plan_shards, read_plan_shard, write_plan
 from ornis.data.decode import ImageDecodeError
-from ornis.data.tar import index_tar_samples, read_tar_member, split_member_name
+from ornis.data.inputs import read_file_list, utf8_name
+from ornis.data.tar import index_tar_samples, read_tar_member, scan_tar, split_member_name
 from ornis.train.data import ImageFolderSource, TarShardSource, open_source
 
 
@@ -191,3 +193,87 @@ def test_a_folder_of_shards_is_read_as_shards(tmp_path: Path) -> None:
     source = open_source(tmp_path, labelled=False)
     assert isinstance(source, TarShardSource)
     assert [source.name(i) for i in range(len(source))] == [f"{t}:{k}" for t in sorted(tars) for k in TAR_KEYS]
+
+
+def _tar_bytes(count: int) -> tuple[bytes, list[int]]:
+    """A tar of ``count`` PNG members, and the byte offset where each member (data and padding) ends."""
+    buf, ends = io.BytesIO(), []
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(count):
+            data = _image("PNG", i)
+            info = tarfile.TarInfo(f"s{i}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+            ends.append(buf.tell())
+    return buf.getvalue(), ends
+
+
+def test_a_tar_cut_at_a_member_boundary_is_reported(tmp_path: Path) -> None:
+    whole, ends = _tar_bytes(6)
+    assert scan_tar(_write_tar(tmp_path / "whole.tar")).problem is None
+    (tmp_path / "ok.tar").write_bytes(whole)
+    assert scan_tar(tmp_path / "ok.tar") == (scan_tar(tmp_path / "ok.tar").samples, None)
+    (tmp_path / "cut.tar").write_bytes(whole[: ends[3]])
+    index = scan_tar(tmp_path / "cut.tar")
+    assert [s.key for s in index.samples] == ["s0", "s1", "s2", "s3"]
+    assert index.problem == (
+        f"truncated tar: it ends at byte {ends[3]} without the end-of-archive block (4 samples before it are used)"
+    )
+    (tmp_path / "junk.tar").write_bytes(whole[: ends[1]] + b"\x01" * 512 + whole[ends[1] :])
+    junk = scan_tar(tmp_path / "junk.tar")
+    assert len(junk.samples) == 2 and junk.problem.startswith(f"unreadable tar header at byte {ends[1]}")
+    shards, problems = plan_shards([tmp_path / "cut.tar"], shard_size=10)
+    assert [len(s.items) for s in shards] == [4]
+    assert problems == [InputProblem(str(tmp_path / "cut.tar"), index.problem)]
+
+
+def test_names_that_are_not_utf8_survive_the_plan(tmp_path: Path) -> None:
+    folder = tmp_path / "old archive"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"bad\xffbyte.jpg")
+    with open(raw, "wb") as f:
+        f.write(_image("JPEG", 0))
+    shards, _ = plan_shards([folder], shard_size=10)
+    write_plan(shards, tmp_path / "plan.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old archive", "plan.parquet"]  # no temporary left
+    (item,) = read_plan_shard(tmp_path / "plan.parquet", 0)
+    assert os.fsencode(item.path) == raw and item.key == item.path
+    assert utf8_name(item.key) == f"{folder}/bad\\xffbyte.jpg"
+    assert ShardDataset(tmp_path / "plan.parquet", _as_array)[(0, 0)].ok
+
+
+def test_one_file_under_two_spellings_is_planned_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _write_folder(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    shards, _ = plan_shards(["photos", "./photos//a.jpg", str(root / "sub" / ".." / "z.jpg")], shard_size=100)
+    assert [i.key for i in shards[0].items] == [os.path.join("photos", n) for n in FOLDER_IMAGES]
+
+
+def test_empty_inputs_and_bad_lists_are_input_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="no images found in .*empty"):
+        plan_shards([tmp_path / "empty"])
+    (tmp_path / "labels.csv").write_text("label,where\nbird,a.jpg\n")
+    with pytest.raises(InputError, match="labels.csv: expected a column named one of path.*found 'label', 'where'"):
+        read_file_list(tmp_path / "labels.csv")
+    (tmp_path / "bare.csv").write_text("a.jpg\nsub/b.png\n")  # one column of image names: a header-less list
+    assert read_file_list(tmp_path / "bare.csv") == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b.png")]
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet" * 20)
+    with pytest.raises(InputError, match="junk.parquet: not a Parquet file list"):
+        read_file_list(tmp_path / "junk.parquet")
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _write_folder(tmp_path / "photos")
+    scandir = os.scandir
+
+    def refusing(path="."):  # what chmod 000 does to anyone but root, and these tests may run as root
+        if os.fspath(path) == str(root / "sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    shards, problems = plan_shards([root], shard_size=100)
+    assert problems == [InputProblem(str(root / "sub"), "cannot list folder (Permission denied)")]
+    assert len(shards[0].items) == len(FOLDER_IMAGES) - 2

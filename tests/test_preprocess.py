@@ -79,3 +79,19 @@ def test_embeddings_are_identical_through_both_paths(setup) -> None:
     for kind, path in images.items():
         _, expected = infer_image(net, path, transform, return_embedding=True)
         np.testing.assert_array_equal(np.asarray(rows[str(path)], np.float32), expected[0], err_msg=kind)
+
+
+def test_infer_image_on_a_pil_image_equals_the_batch_row(setup) -> None:
+    # Item 9 of the bad-input report: a 16-bit grayscale PIL image (and every other odd mode) given to infer_image
+    # must give the row ornis embed writes for its file, not Pillow's clipped conversion
+    images, out, net, transform = setup
+    rows = {r["path"]: r["embedding"] for r in pq.read_table(out).to_pylist()}
+    for kind, path in images.items():
+        with Image.open(path) as image:
+            _, expected = infer_image(net, image, transform, return_embedding=True)
+        np.testing.assert_array_equal(np.asarray(rows[str(path)], np.float32), expected[0], err_msg=kind)
+    with Image.open(images["gray16_png"]) as image:
+        _, clipped = infer_image(net, image.convert("RGB"), transform, return_embedding=True)
+    row = np.asarray(rows[str(images["gray16_png"])], np.float32)
+    cosine = float(row @ clipped[0] / np.linalg.norm(row) / np.linalg.norm(clipped[0]))
+    assert cosine < 0.99, cosine  # the clipped conversion really is another input

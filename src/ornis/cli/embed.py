@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ornis.cli.common import add_output_argument, default_of
-from ornis.inference.batch import BatchJob, make_job, run_batch
+from ornis.cli.common import add_output_argument, default_of, non_negative_int, positive_int
+from ornis.data.decode import DecodeOptions
+from ornis.inference.batch import PRECISIONS, BatchJob, make_job, run_batch
+from ornis.inference.batch.job import check_device_name
 from ornis.inference.ray_runner import run_with_ray
 
 PRECISION_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def device_name(text: str) -> str:
+    """argparse type: a device torch can parse (``cpu``, ``cuda``, ``cuda:1``); whether it exists is checked later."""
+    try:
+        return check_device_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected cpu, cuda or cuda:N)") from None
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +42,9 @@ def register(subparsers: Any) -> None:
         add_output_argument(p, "output folder", aliases=("--out",))
         if task == "classify":
             top_k = default_of(BatchJob, "top_k")
-            p.add_argument("-k", "--top-k", type=int, default=top_k, help=f"labels kept per image (default {top_k})")
+            p.add_argument(
+                "-k", "--top-k", type=positive_int, default=top_k, help=f"labels kept per image (default {top_k})"
+            )
         else:
             p.add_argument("--float16", action="store_true", help="store embeddings (and feature maps) as float16")
         _add_job_options(p)
@@ -45,29 +57,31 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", help="architecture of a checkpoint that does not say it")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=default_of(BatchJob, "batch_size"),
         help="images per batch (default 256 on GPU, 32 on CPU)",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         default=default_of(BatchJob, "num_workers"),
         help="decoding processes per device (default from the CPU count)",
     )
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=positive_int,
         default=shard_size,
         help=f"loose files per shard (default {shard_size}; a .tar is one shard)",
     )
     p.add_argument(
         "--device",
+        type=device_name,
         default=default_of(BatchJob, "device"),
         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when there is a GPU)",
     )
     p.add_argument(
         "--precision",
+        choices=(*PRECISIONS, *PRECISION_ALIASES),
         default=default_of(BatchJob, "precision"),
         help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16",
     )
@@ -79,7 +93,17 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--composite-alpha", action="store_true", help="composite transparent images on white (off: drop alpha)"
     )
-    p.add_argument("--max-pixels", type=int, help="larger images are listed as decompression bombs")
+    decode = DecodeOptions()
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        help=f"larger images are listed as decompression bombs (default {decode.max_pixels})",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=positive_int,
+        help=f"larger files are listed as too large, unread (default {decode.max_bytes})",
+    )
     p.add_argument("--retry-errors", action="store_true", help="re-try only the files that failed in earlier runs")
     p.add_argument(
         "--progress",
@@ -91,7 +115,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process"
     )
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
-    p.add_argument("--ray-workers", type=int, help="Ray tasks (default: one per GPU, else 1)")
+    p.add_argument("--ray-workers", type=positive_int, help="Ray tasks (default: one per GPU, else 1)")
 
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:
@@ -115,6 +139,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
         exif_transpose=args.exif_transpose,
         composite_alpha=args.composite_alpha,
         max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
         retry_errors=args.retry_errors,
         progress=args.progress,
     )

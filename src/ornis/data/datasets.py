@@ -104,7 +104,7 @@ class ShardDataset(Dataset):
         try:
             data = self._read_tar_member(item) if item.offset >= 0 else item.path
             if self.raw_jpeg:
-                data = data if isinstance(data, bytes) else read_image_bytes(data, item.key)
+                data = data if isinstance(data, bytes) else read_image_bytes(data, item.key, self.options.max_bytes)
                 size = self._plain_jpeg_size(data)
                 if size is not None:
                     jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -137,6 +137,8 @@ class ShardDataset(Dataset):
         return (width, height) if width * height <= self.options.max_pixels else None
 
     def _read_tar_member(self, item: Item) -> bytes:
+        if item.size > self.options.max_bytes:
+            raise ImageDecodeError(item.key, f"file too large ({item.size} bytes, limit {self.options.max_bytes})")
         if self._tar is None or self._tar[0] != item.path:
             if self._tar is not None:
                 self._tar[1].close()

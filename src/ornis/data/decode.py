@@ -11,15 +11,18 @@ so that batch rows equal ``infer_image``'s output:
   batch path. (16-bit RGB PNGs are already opened by Pillow as 8-bit RGB from the high bytes.)
 - EXIF orientation is ignored by default (as ``infer_image`` does); ``exif_transpose=True`` applies it.
 
-Bad files raise ``ImageDecodeError`` with a short reason: empty (0 bytes), not an image, truncated, corrupt,
-decompression bomb (more pixels than ``max_pixels``; ``decode_image`` also sets Pillow's global
-``Image.MAX_IMAGE_PIXELS`` to it and turns ``DecompressionBombWarning`` into an error).
+Bad files raise ``ImageDecodeError`` with a short reason: not a regular file (a FIFO, a device such as a symlink to
+``/dev/urandom``, a folder named like an image: checked with ``stat`` before anything is opened, so nothing hangs
+or reads without end), too large (more bytes than ``max_bytes``, checked before reading and while reading), empty
+(0 bytes), not an image, truncated, corrupt, decompression bomb (more pixels than ``max_pixels``; ``decode_image``
+also sets Pillow's global ``Image.MAX_IMAGE_PIXELS`` to it and turns ``DecompressionBombWarning`` into an error).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,6 +35,9 @@ from ornis.errors import OrnisError, first_line
 # Pillow's own default (89.5 Mpx; a 12-bit 200 Mpx scan is rare in photo collections). Set explicitly so that the
 # bomb check does not depend on what another library did to the global, and raised rather than warned about.
 DEFAULT_MAX_PIXELS = 89_478_485
+# The largest file read as an image: 1 GiB holds an uncompressed 16-bit RGB TIFF at the pixel limit with room to
+# spare; anything larger is not a photo, and is never read into memory.
+DEFAULT_MAX_BYTES = 1 << 30
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -85,6 +91,13 @@ class DecodeOptions:
     exif_transpose: bool = False
     composite_alpha: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class DecodedImage(NamedTuple):
@@ -103,7 +116,9 @@ def decode_image(
     if source is None:
         source = "<bytes>" if isinstance(data, bytes) else os.fspath(data)
     if not isinstance(data, bytes):
-        data = read_image_bytes(data, source)
+        data = read_image_bytes(data, source, options.max_bytes)
+    elif len(data) > options.max_bytes:
+        raise ImageDecodeError(source, f"file too large ({len(data)} bytes, limit {options.max_bytes})")
     if len(data) == 0:
         raise ImageDecodeError(source, "empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = options.max_pixels
@@ -143,16 +158,62 @@ def decode_image(
     return DecodedImage(rgb, rgb.width, rgb.height)
 
 
-def read_image_bytes(path: str | os.PathLike, source: str | None = None) -> bytes:
-    """The bytes of an image file; ``ImageDecodeError`` ("file not found", "cannot read file") when there are none."""
+def read_image_bytes(path: str | os.PathLike, source: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an image file; ``ImageDecodeError`` when there are none to use: "file not found", "not a regular
+    file (...)", "file too large (...)", "cannot read file (...)".
+
+    Only a regular file is opened (``stat`` first, so a FIFO cannot block and a device cannot stream), and then
+    without blocking and checked again on the open file (it may have been swapped since); at most ``max_bytes`` + 1
+    bytes are ever read, so a file that grows while being read cannot exhaust the memory either."""
     source = os.fspath(path) if source is None else source
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        _check_regular(os.stat(path), source, max_bytes)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            size = os.fstat(fd)
+            _check_regular(size, source, max_bytes)
+            data = _read_capped(f, size.st_size, max_bytes + 1)
     except FileNotFoundError:
         raise ImageDecodeError(source, "file not found") from None
     except OSError as e:
         raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise ImageDecodeError(source, f"file too large (more than {max_bytes} bytes, the limit)")
+    return data
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _read_capped(f: io.BufferedReader, expected: int, limit: int) -> bytes:
+    # One read of the size stat gave (a read asks for, and allocates, all it may return); a file that grew since
+    # is read on in chunks, never past ``limit``
+    want = min(expected + 1, limit)
+    data = f.read(want)
+    if len(data) < want:
+        return data
+    chunks, total = [data], len(data)
+    while total < limit:
+        chunk = f.read(min(1 << 20, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _check_regular(st: os.stat_result, source: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "a special file")
+        raise ImageDecodeError(source, f"not a regular file ({kind}); skipped without reading")
+    if st.st_size > max_bytes:
+        raise ImageDecodeError(source, f"file too large ({st.st_size} bytes, limit {max_bytes})")
 
 
 def is_image_name(name: str) -> bool:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ornis.data.decode import IMAGE_EXTENSIONS, is_image_name
 
@@ -22,9 +22,11 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_images(folder: str | os.PathLike) -> Iterator[str]:
-    """Every image under ``folder`` in the walk order the module doc describes, as ``os.path.join`` paths."""
-    for root, dirs, names in os.walk(folder):
+def walk_images(folder: str | os.PathLike, onerror: Callable[[OSError], None] | None = None) -> Iterator[str]:
+    """Every image under ``folder`` in the walk order the module doc describes, as ``os.path.join`` paths.
+    ``onerror`` is called with the ``OSError`` of each folder that cannot be listed (by default those are left out
+    without a word, as ``os.walk`` does)."""
+    for root, dirs, names in os.walk(folder, onerror=onerror):
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         for name in sorted(names):
             if not is_hidden(name) and is_image_name(name):

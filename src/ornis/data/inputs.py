@@ -1,13 +1,18 @@
 """What the input arguments of a batch command name: folders, images, glob patterns, file lists and tar shards.
 
 - A folder is walked as :mod:`ornis.data.folders` says (recursive, sorted, image extensions only, hidden names
-  left out). Files given one by one are taken whatever their extension.
+  left out); a sub-folder that cannot be listed is reported, not skipped in silence. Files given one by one are
+  taken whatever their extension (a FIFO or a device given so is taken too, and refused unread by the decoder).
 - A glob pattern (``*``, ``?``, ``[``; ``**`` recurses) is expanded in sorted order; each match that is a folder,
   an image or a tar is an input.
 - A ``.txt`` / ``.lst`` list has one path a line (blank lines and ``#`` comments skipped); a ``.csv`` or
-  ``.parquet`` list has a ``path`` column (or ``file`` / ``filename`` / ``image``; else, for a CSV, the first
-  column). Relative paths are relative to the list file's folder.
+  ``.parquet`` list has a ``path`` column (or ``file`` / ``filename`` / ``image``). A CSV without such a header is
+  refused, naming its columns, unless it has a single column whose first cell is an image name (a header-less
+  list). Relative paths are relative to the list file's folder.
 - A ``.tar`` is a webdataset shard (see :mod:`ornis.data.tar`).
+
+File names are ``str`` as ``os.fsdecode`` makes them: bytes that are not UTF-8 (old archives) are kept as surrogate
+escapes, so every name still opens the file it came from (``utf8_name`` is its printable, valid UTF-8 form).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import pyarrow.parquet as pq
 
 from ornis.data.folders import is_image_name, walk_images
 from ornis.data.tar import is_tar_name
-from ornis.errors import OrnisError
+from ornis.errors import OrnisError, first_line
 
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 PATH_COLUMNS = ("path", "file", "filename", "image")
@@ -34,10 +39,22 @@ class InputError(OrnisError):
 
 
 class InputFile(NamedTuple):
-    """One file an input argument names: an image, or a webdataset shard (``is_tar``)."""
+    """One file an input argument names: an image, or a webdataset shard (``is_tar``); or, with ``problem``, a
+    place that could not be read (a folder that cannot be listed) and why."""
 
     path: str
     is_tar: bool = False
+    problem: str | None = None
+
+
+def utf8_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: each byte that is not UTF-8 (a surrogate escape of ``os.fsdecode``) written as
+    ``\\xNN``, as ``ls -b`` shows it. Names that are valid UTF-8 come back unchanged."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
@@ -46,13 +63,16 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
         text = os.fspath(raw)
         path = Path(text)
         if path.is_dir():
-            yield from (InputFile(p) for p in walk_images(path))
+            unlisted: list[OSError] = []
+            yield from (InputFile(p) for p in walk_images(path, onerror=unlisted.append))
+            for e in unlisted:
+                yield InputFile(os.fspath(e.filename or text), problem=f"cannot list folder ({e.strerror or e})")
         elif path.is_file() and is_tar_name(path):
             yield InputFile(text, is_tar=True)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             yield from (InputFile(p) for p in read_file_list(path))
-        elif path.is_file():
-            yield InputFile(text)
+        elif path.is_file() or (os.path.lexists(text) and not any(c in text for c in "*?[")):
+            yield InputFile(text)  # a special file or a dangling link: the decoder lists it with its reason
         elif any(c in text for c in "*?["):
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:
@@ -67,33 +87,49 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
 
 def read_file_list(path: str | os.PathLike) -> list[str]:
     """The paths a ``.txt`` / ``.lst`` / ``.csv`` / ``.parquet`` list names, relative ones resolved against its
-    folder."""
+    folder; ``InputError`` naming the list for one that cannot be read or has no path column."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".txt", ".lst"):
-        entries = [e for e in (ln.strip() for ln in path.read_text().splitlines()) if e and not e.startswith("#")]
-    elif suffix == ".csv":
-        entries = _csv_paths(path)
-    else:
-        entries = _parquet_paths(path)
+    try:
+        if suffix in (".txt", ".lst"):
+            lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+            entries = [e for e in (ln.strip() for ln in lines) if e and not e.startswith("#")]
+        elif suffix == ".csv":
+            entries = _csv_paths(path)
+        else:
+            entries = _parquet_paths(path)
+    except (OSError, csv.Error) as e:
+        raise InputError(f"{path}: cannot read the file list ({first_line(e)})") from None
     base = path.parent
     return [e if os.path.isabs(e) else os.path.join(base, e) for e in entries]
 
 
 def _csv_paths(path: Path) -> list[str]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.reader(f))
     if not rows:
         return []
     header = [h.strip().lower() for h in rows[0]]
     column = next((header.index(c) for c in PATH_COLUMNS if c in header), None)
-    body = rows[1:] if column is not None else rows  # no known header: every row is a path, in the first column
-    column = column or 0
-    return [r[column].strip() for r in body if r and r[column].strip()]
+    if column is not None:
+        body = rows[1:]
+    elif len(header) == 1 and is_image_name(header[0]):
+        body, column = rows, 0  # a header-less list of paths, one a line
+    else:
+        raise InputError(
+            f"{path}: expected a column named one of {', '.join(PATH_COLUMNS)} in the first row, found "
+            f"{', '.join(repr(h) for h in rows[0]) or 'none'}"
+        )
+    return [r[column].strip() for r in body if len(r) > column and r[column].strip()]
 
 
 def _parquet_paths(path: Path) -> list[str]:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid and friends for a file that is not Parquet
+        raise InputError(f"{path}: not a Parquet file list ({first_line(e)})") from None
     names = [n.lower() for n in table.column_names]
     column = next((table.column_names[names.index(c)] for c in PATH_COLUMNS if c in names), None)
     if column is None:

@@ -2,9 +2,14 @@
 and files, same shards), and kept on disk so that every worker, rank and resumed run reads the same plan.
 
 Loose files (folders, images, globs, file lists; see :mod:`ornis.data.inputs`) are cut into shards of
-``shard_size`` in input order, each file once; each tar is one shard of its own, its samples named
-``<tar path>:<key>`` (see :mod:`ornis.data.tar`). A tar that cannot be read is not an error of the run: it becomes
-an ``InputProblem`` for the errors file.
+``shard_size`` in input order, each file once (two spellings of one path, ``data/a.jpg`` and ``./data//a.jpg``, are
+one file; the first spelling names it); each tar is one shard of its own, its samples named ``<tar path>:<key>``
+(see :mod:`ornis.data.tar`). A tar that cannot be read, one cut short, or a folder that cannot be listed is not an
+error of the run: it becomes an ``InputProblem`` for the errors file. Inputs that hold no image at all are an
+``InputError``.
+
+Names are kept as bytes in the plan file (``os.fsencode``), so a file name that is not UTF-8 survives the round
+trip and still opens its file.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ornis.data.inputs import expand_inputs
-from ornis.data.tar import index_tar_samples
+from ornis.data.decode import IMAGE_EXTENSIONS
+from ornis.data.inputs import LIST_SUFFIXES, InputError, expand_inputs
+from ornis.data.tar import scan_tar
 from ornis.utils.fs import atomic_path
 
 PLAN_SCHEMA = pa.schema(
-    [("shard", pa.int32()), ("key", pa.string()), ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
+    [("shard", pa.int32()), ("key", pa.binary()), ("path", pa.binary()), ("offset", pa.int64()), ("size", pa.int64())]
 )
 
 
@@ -56,35 +62,46 @@ class InputProblem:
 
 def plan_shards(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> tuple[list[Shard], list[InputProblem]]:
     """Every input expanded into samples, cut into shards (see the module doc), and the inputs that could not be
-    read."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    read. ``InputError`` when the inputs hold no image and nothing unreadable either."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     files: dict[str, Item] = {}  # insertion-ordered: the first mention of a file decides its place
-    tars: dict[str, None] = {}
+    tars: dict[str, str] = {}
+    problems = []
     for found in expand_inputs(inputs):
-        if found.is_tar:
-            tars.setdefault(found.path)
+        same = os.path.abspath(found.path)  # one file, however it is spelt
+        if found.problem is not None:
+            problems.append(InputProblem(found.path, found.problem))
+        elif found.is_tar:
+            tars.setdefault(same, found.path)
         else:
-            files.setdefault(found.path, Item(found.path, found.path))
+            files.setdefault(same, Item(found.path, found.path))
     loose = list(files.values())
     shards = [
         Shard(i, "files", tuple(loose[s : s + shard_size])) for i, s in enumerate(range(0, len(loose), shard_size))
     ]
-    problems = []
-    for tar in tars:
+    for tar in tars.values():
         try:
-            items = index_tar(tar)
+            index = scan_tar(tar)
         except (OSError, tarfile.TarError) as e:
             problems.append(InputProblem(tar, f"unreadable tar ({type(e).__name__}: {e})"))
             continue
-        if items:
+        if index.problem is not None:
+            problems.append(InputProblem(tar, index.problem))
+        if index.samples:
+            items = [Item(f"{tar}:{s.key}", tar, s.offset, s.size) for s in index.samples]
             shards.append(Shard(len(shards), tar, tuple(items)))
+    if not shards and not problems:
+        raise InputError(
+            f"no images found in {', '.join(os.fspath(i) for i in inputs)} (images are files ending in "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...; or .tar shards, or {'/'.join(LIST_SUFFIXES)} lists)"
+        )
     return shards, problems
 
 
 def index_tar(tar_path: str) -> list[Item]:
     """The image samples of an uncompressed webdataset tar, in stored order, with their data offsets."""
-    return [Item(f"{tar_path}:{s.key}", tar_path, s.offset, s.size) for s in index_tar_samples(tar_path)]
+    return [Item(f"{tar_path}:{s.key}", tar_path, s.offset, s.size) for s in scan_tar(tar_path).samples]
 
 
 # -- the plan on disk: one Parquet row group a shard, so a worker reads only the shard it needs ------------------
@@ -100,8 +117,8 @@ def _shard_table(shard: Shard) -> pa.Table:
     return pa.table(
         {
             "shard": pa.array([shard.id] * len(shard.items), pa.int32()),
-            "key": [i.key for i in shard.items],
-            "path": [i.path for i in shard.items],
+            "key": [os.fsencode(i.key) for i in shard.items],
+            "path": [os.fsencode(i.path) for i in shard.items],
             "offset": pa.array([i.offset for i in shard.items], pa.int64()),
             "size": pa.array([i.size for i in shard.items], pa.int64()),
         },
@@ -112,4 +129,10 @@ def _shard_table(shard: Shard) -> pa.Table:
 def read_plan_shard(path: Path, shard_id: int) -> list[Item]:
     """The samples of one shard of the plan at ``path``."""
     cols = pq.ParquetFile(path).read_row_group(shard_id).to_pydict()
-    return [Item(k, p, o, s) for k, p, o, s in zip(cols["key"], cols["path"], cols["offset"], cols["size"])]
+    keys, paths = (_names(cols[c]) for c in ("key", "path"))
+    return [Item(k, p, o, s) for k, p, o, s in zip(keys, paths, cols["offset"], cols["size"])]
+
+
+def _names(values: list[bytes | str]) -> list[str]:
+    # bytes since names may not be UTF-8; plans written before that hold str
+    return [os.fsdecode(v) for v in values]

@@ -49,12 +49,27 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), field.lower()
 
 
+class TarIndex(NamedTuple):
+    """What a pass over a shard's headers found: its samples, and what is wrong with the shard when it does not end
+    as a tar ends (``None`` when it does)."""
+
+    samples: list[TarSample]
+    problem: str | None = None
+
+
 def index_tar_samples(path: str | os.PathLike, read_labels: bool = False) -> list[TarSample]:
-    """The samples of an uncompressed webdataset shard, by the rules of the module doc.
+    """The samples of an uncompressed webdataset shard, by the rules of the module doc (``scan_tar``'s samples).
 
     Raises ``OSError`` / ``tarfile.TarError`` for a file that cannot be read as a tar, and ``ValueError`` for a label
     member that does not hold an integer.
     """
+    return scan_tar(path, read_labels).samples
+
+
+def scan_tar(path: str | os.PathLike, read_labels: bool = False) -> TarIndex:
+    """``index_tar_samples`` that also says when the shard does not end with a tar's end-of-archive block: Python's
+    ``tarfile`` stops without a word at a file cut at a header boundary (or at garbage after a member), so a copy
+    cut short would silently lose its last samples."""
     images: dict[str, tuple[int, int]] = {}  # insertion order is stored order
     labels: dict[str, int] = {}
     with tarfile.open(path, "r:") as tar:
@@ -67,7 +82,19 @@ def index_tar_samples(path: str | os.PathLike, read_labels: bool = False) -> lis
                 images.setdefault(key, (member.offset_data, member.size))
             elif read_labels and field in TAR_LABEL_EXTENSIONS:
                 labels[key] = _read_label(tar, member, path)
-    return [TarSample(key, offset, size, labels.get(key)) for key, (offset, size) in images.items()]
+        end = tar.offset  # where the header after the last member was looked for
+        assert tar.fileobj is not None
+        tar.fileobj.seek(end)
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    samples = [TarSample(key, offset, size, labels.get(key)) for key, (offset, size) in images.items()]
+    problem = None
+    if len(block) < tarfile.BLOCKSIZE:
+        problem = f"truncated tar: it ends at byte {end + len(block)} without the end-of-archive block"
+    elif block.count(0) != tarfile.BLOCKSIZE:
+        problem = f"unreadable tar header at byte {end}; the members after it are not read"
+    if problem is not None:
+        problem += f" ({len(samples)} samples before it are used)"
+    return TarIndex(samples, problem)
 
 
 def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str | os.PathLike) -> int:

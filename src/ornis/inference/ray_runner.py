@@ -65,23 +65,29 @@ def run_with_ray(
     task_job = replace(job, device=job.device or (None if gpus else "cpu"), progress=False, num_workers=workers)
     remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=cpus_per_task, max_retries=0)(_run_task)
     totals = WorkerStats()
-    for round_ in range(3):
-        if round_ > 0:
-            # A task that died (a lost node) leaves its claimed shards unfinished: a new claim attempt frees them
-            if not pending_shards(job.out):
+    current = prepared
+    try:
+        for round_ in range(3):
+            if round_ > 0:
+                # A task that died (a lost node) leaves its claimed shards unfinished: a new claim attempt frees them
+                if not pending_shards(job.out):
+                    break
+                current = prepare_output(job, model=prepared.model, lease=current.lease)
+            refs = [remote.remote(task_job, prepared.model, rank, tasks) for rank in range(tasks)]
+            finished, failed = [], []
+            for ref in refs:
+                try:
+                    finished.append(ray.get(ref))
+                except ray.exceptions.RayError as e:
+                    failed.append(e)
+            for stats in finished:
+                totals.add(stats)
+            if not failed:
                 break
-            prepare_output(job, model=prepared.model)
-        refs = [remote.remote(task_job, prepared.model, rank, tasks) for rank in range(tasks)]
-        finished, failed = [], []
-        for ref in refs:
-            try:
-                finished.append(ray.get(ref))
-            except ray.exceptions.RayError as e:
-                failed.append(e)
-        for stats in finished:
-            totals.add(stats)
-        if not failed:
-            break
-        if not finished:
-            raise OrnisError(f"every Ray task failed; the first: {failed[0]}")
-    return finalize_output(job, totals, skipped=prepared.skipped, started=started, dist=DistInfo(0, tasks))
+            if not finished:
+                raise OrnisError(f"every Ray task failed; the first: {failed[0]}")
+    finally:
+        current.release()
+    return finalize_output(
+        job, totals, skipped=prepared.skipped, started=started, dist=DistInfo(0, tasks), problems=prepared.problems
+    )

@@ -14,7 +14,9 @@ The output folder holds
   (the top k, best first), then ``width`` and ``height`` of the decoded image. The file metadata holds the model
   name, the checkpoint's sha256, the task and the preprocessing (keys ``ornis.*``). Rows are in input order.
 - ``_manifest.json``: the job, the shards and their status (rewritten atomically, under a lock).
-- ``_errors.jsonl``: one line a file that was skipped, ``{"path", "reason", "shard", "index"}``.
+- ``_errors.jsonl``: one line a file that was skipped, ``{"path", "reason", "shard", "index"}`` (special files,
+  files over ``max_bytes`` and folders named like images among them, unread), and one line an input that could not
+  be read while planning (a tar cut short, a folder that cannot be listed; ``shard`` null).
 - ``_plan.parquet`` (the samples of each shard), ``_errors/`` (each shard's errors), ``_features/``
   (``features=STAGE``: ``part-NNNNN.STAGE.npy``, rows as in the part file) and ``_claims/``.
 
@@ -25,6 +27,15 @@ The unit of work is a shard (a chunk of ``shard_size`` loose files, or one tar):
 and renamed into ``part-NNNNN.parquet``, which is the commit. Running the same call again skips the shards that
 have a part file and does the rest, so a killed run (even SIGKILL) finishes with every good image exactly once.
 ``retry_errors=True`` re-tries only the files that failed and merges the ones that now decode into their part.
+
+A file name that is not UTF-8 is kept as ``os.fsdecode`` makes it (surrogate escapes) in the plan and the errors
+file, so it maps back to the file; the Parquet ``path`` column, which must be UTF-8, shows such bytes as ``\\xNN``
+(``ornis.data.inputs.utf8_name``). Inputs are compared as the files they name (``./data/`` and ``data`` are one job,
+one file under two spellings is one row). A folder whose run wrote no part file (a run that failed to load its model)
+blocks nothing: the next run, whatever its job, starts it afresh.
+
+Two runs started into one folder share the work: a run that finds another one working there (``lease``) joins its
+claim attempt instead of starting a new one, and one with another job is refused with a message naming the first.
 
 Under ``torchrun`` every rank runs the same call: rank 0 resolves and hashes the checkpoint and plans, then each rank
 claims shards one at a time through an exclusive-create file per shard (``_claims/<attempt>/NNNNN``), so fast ranks
@@ -37,9 +48,9 @@ the uint8 -> float scaling and normalisation on the model's device (a quarter of
 memory).
 
 The modules, in the order a run meets them: ``job`` (what to do), ``model`` (the checkpoint, resolved once),
-``output`` and ``manifest`` (the folder), ``sampler`` (claiming shards), ``worker`` (the loop), ``runner`` and
-``device_decode`` (the model on its device), ``writer`` (the part files), ``records`` (the typed rows and batches),
-``run`` (``embed`` / ``classify`` / ``run_batch``).
+``output``, ``manifest`` and ``lease`` (the folder, and who works in it now), ``sampler`` (claiming shards),
+``worker`` (the loop), ``runner`` and ``device_decode`` (the model on its device), ``writer`` (the part files),
+``records`` (the typed rows and batches), ``run`` (``embed`` / ``classify`` / ``run_batch``).
 """
 
 from ornis.inference.batch.job import PRECISIONS, TASKS, BatchJob, BatchSummary, WorkerStats, make_job

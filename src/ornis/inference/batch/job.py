@@ -9,11 +9,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from ornis.data.decode import DecodeOptions
+from ornis.errors import OrnisError
 from ornis.inference.batch.layout import ERRORS
 
 TASKS = ("embed", "classify")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+_DECODE_OPTIONS = ("exif_transpose", "composite_alpha", "max_pixels", "max_bytes")
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,16 @@ class BatchJob:
             raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        _check_int("top_k", self.top_k, 1)
+        _check_int("shard_size", self.shard_size, 1)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1)
+        if self.num_workers is not None:
+            _check_int("num_workers", self.num_workers, 0)
+        if self.device is not None:
+            check_device_name(self.device)
+        if not self.inputs:
+            raise ValueError("inputs must name at least one folder, file, pattern, list or tar")
 
     def identity(self) -> dict[str, Any]:
         """The fields that must match to resume into a folder, as the manifest stores them (JSON types)."""
@@ -72,6 +84,58 @@ class BatchJob:
         d["inputs"] = list(self.inputs)
         d["decode"] = asdict(self.decode)
         return d
+
+
+def identity_diff(found: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """What differs between the identity a folder's manifest holds and this job's, one line each (``[]``: the same
+    job). Inputs are compared as the files they name (``./data/`` and ``data`` are one folder); decoding options
+    a manifest predates count as their defaults."""
+    diff = []
+    for k, v in identity.items():
+        have = found.get(k)
+        if k == "inputs":
+            have, v = _resolved(have or []), _resolved(v)
+        elif k == "decode" and isinstance(have, dict):
+            have = {**asdict(DecodeOptions()), **have}
+        if have != v:
+            diff.append(f"{k}: folder has {found.get(k)!r}, this run {identity[k]!r}")
+    return diff
+
+
+def _resolved(inputs: Sequence[str]) -> list[str]:
+    return [os.path.realpath(i) for i in inputs]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
+def check_device_name(device: str) -> str:
+    """``device`` if torch can parse it as a device (``cpu``, ``cuda``, ``cuda:1``, ``mps``...); ``ValueError`` naming
+    the argument otherwise. Whether that device exists here is checked when the run starts."""
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N (or another torch device), got {device!r}") from None
+    return device
+
+
+def check_device_available(device: str | None) -> None:
+    """``OrnisError`` when ``device`` names a GPU this machine does not have (``None``: the default, always fine)."""
+    if device is None:
+        return
+    d = torch.device(check_device_name(device))
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OrnisError(f"device {device!r}: no CUDA GPU is available here; use --device cpu")
+        if d.index is not None and d.index >= count:
+            raise OrnisError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise OrnisError(f"device {device!r}: MPS is not available here; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise OrnisError(f"device {device!r}: the batch runner runs on cpu, cuda or mps")
 
 
 def make_job(
@@ -82,13 +146,14 @@ def make_job(
     **options: Any,
 ) -> BatchJob:
     """A ``BatchJob`` from loose arguments: one input or many, paths or strings, and the decoding options
-    (``exif_transpose``, ``composite_alpha``, ``max_pixels``) given flat or as ``decode=DecodeOptions(...)``."""
+    (``exif_transpose``, ``composite_alpha``, ``max_pixels``, ``max_bytes``) given flat or as
+    ``decode=DecodeOptions(...)``."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     decode = options.pop("decode", None)
-    flat = {k: options.pop(k) for k in ("exif_transpose", "composite_alpha", "max_pixels") if k in options}
+    flat = {k: options.pop(k) for k in _DECODE_OPTIONS if k in options}
     if decode is None:
-        decode = DecodeOptions(**{k: v for k, v in flat.items() if v})  # a None or 0 max_pixels: the default
+        decode = DecodeOptions(**{k: v for k, v in flat.items() if v is not None})  # None: the default
     return BatchJob(
         inputs=tuple(os.fspath(i) for i in inputs), out=os.fspath(out), model=os.fspath(model), decode=decode, **options
     )

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ornis.data.datasets import Shard, plan_shards, write_plan
-from ornis.inference.batch.job import BatchJob, BatchSummary, WorkerStats
+from ornis.inference.batch.job import BatchJob, BatchSummary, WorkerStats, identity_diff
 from ornis.inference.batch.layout import (
     CLAIMS_DIR,
     ERRORS,
@@ -27,6 +27,7 @@ from ornis.inference.batch.layout import (
     part_name,
     plan_errors_path,
 )
+from ornis.inference.batch.lease import AttemptLease, is_live, owner, write_owner
 from ornis.inference.batch.manifest import (
     Manifest,
     OutputFolderError,
@@ -44,39 +45,65 @@ from ornis.utils.fs import atomic_write_jsonl, read_jsonl
 
 @dataclass(frozen=True)
 class PreparedOutput:
-    """What ``prepare_output`` found: how many images earlier runs already did, and the job's checkpoint."""
+    """What ``prepare_output`` found: how many images earlier runs already did, the job's checkpoint, this process's
+    hold on the claim attempt (``release`` it when the run ends) and how many inputs planning found unreadable."""
 
     skipped: int
     model: ResolvedModel
+    lease: AttemptLease | None = None
+    problems: int = 0
+
+    def release(self) -> None:
+        """Let go of the claim attempt: once every process of the run has, the folder is free for a new attempt."""
+        if self.lease is not None:
+            self.lease.release()
 
 
-def prepare_output(job: BatchJob, model: ResolvedModel | None = None) -> PreparedOutput:
+def prepare_output(
+    job: BatchJob, model: ResolvedModel | None = None, *, lease: AttemptLease | None = None
+) -> PreparedOutput:
     """Resolve and hash the checkpoint (unless ``model`` is that already), plan the shards (or check that the folder
-    holds this same job), and start a new claim attempt. Runs in rank 0 or the Ray driver, before any worker."""
+    holds this same job), and start a new claim attempt, or join the attempt of a run that is still working in the
+    folder (see ``ornis.inference.batch.lease``). Runs in rank 0 or the Ray driver, before any worker; ``lease`` is
+    the caller's hold from an earlier call (a Ray driver's next round), let go of first."""
     out = Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out}: exists and is not a folder; the output must be a folder")
     model = model or resolve_model(job)
     # A bad input fails here, before the output folder is made
     planned = plan_shards(job.inputs, job.shard_size) if not (out / MANIFEST).exists() else None
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_temporary_files(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFolderError(f"{out}: cannot make the output folder ({e.strerror or e})") from None
+    if lease is not None:
+        lease.release()
     with manifest_lock(out):
         manifest = read_manifest(out)
+        live = manifest is not None and manifest.attempt is not None and is_live(out / CLAIMS_DIR / manifest.attempt)
         if manifest is not None:
-            _check_same_job(out, manifest, job.identity(), model)
-            manifest.checkpoint = os.fspath(model.path)  # the same bytes, maybe found elsewhere (another cache)
-        else:
-            shards, problems = planned or plan_shards(job.inputs, job.shard_size)
+            reconcile(out, manifest)
+            if not _same_job(out, manifest, job, model, live):
+                _clear_folder(out)  # another job's, with no results and no live run: it blocks nothing
+                manifest = planned = None
+            else:
+                manifest.checkpoint = os.fspath(model.path)  # the same bytes, maybe found elsewhere (another cache)
+        problems = 0
+        if manifest is None:
+            shards, found = planned or plan_shards(job.inputs, job.shard_size)
             write_plan(shards, out / PLAN)
-            atomic_write_jsonl(
-                plan_errors_path(out), [{"path": p.key, "reason": p.reason, "shard": None} for p in problems]
-            )
-            manifest = _new_manifest(job, model, shards)
-        reconcile(out, manifest)
-        manifest.attempt = uuid.uuid4().hex[:12]
-        shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
-        (out / CLAIMS_DIR / manifest.attempt).mkdir(parents=True)
+            records = [{"path": p.key, "reason": p.reason, "shard": None} for p in found]
+            atomic_write_jsonl(plan_errors_path(out), records)
+            manifest, problems = _new_manifest(job, model, shards), len(found)
+        if not live:
+            _remove_temporary_files(out)  # what a killed run was writing; no process works here now
+            manifest.attempt = uuid.uuid4().hex[:12]
+            shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
+            (out / CLAIMS_DIR / manifest.attempt).mkdir(parents=True)
+            write_owner(out / CLAIMS_DIR / manifest.attempt)
+        held = AttemptLease(out / CLAIMS_DIR / str(manifest.attempt))
         write_manifest(out, manifest)
-    return PreparedOutput(manifest.done_rows, model)
+    return PreparedOutput(manifest.done_rows, model, held, problems)
 
 
 def _new_manifest(job: BatchJob, model: ResolvedModel, shards: list[Shard]) -> Manifest:
@@ -84,18 +111,32 @@ def _new_manifest(job: BatchJob, model: ResolvedModel, shards: list[Shard]) -> M
     return Manifest(job.identity(), os.fspath(model.path), model.sha256, entries)
 
 
-def _check_same_job(out: Path, manifest: Manifest, identity: dict[str, Any], model: ResolvedModel) -> None:
-    found = manifest.job
-    diff = [f"{k}: folder has {found.get(k)!r}, this run {v!r}" for k, v in identity.items() if found.get(k) != v]
-    if diff:
+def _same_job(out: Path, manifest: Manifest, job: BatchJob, model: ResolvedModel, live: bool) -> bool:
+    """True when the folder holds this job; False when it holds another that neither has results nor runs (a
+    failed run's); ``OutputFolderError`` when another job has results there or is running there."""
+    diff = identity_diff(manifest.job, job.identity())
+    if manifest.checkpoint_sha256 != model.sha256:
+        diff.append(f"checkpoint sha256: folder has {manifest.checkpoint_sha256}, {model.path} has {model.sha256}")
+    if not diff:
+        return True
+    if live:
+        who = owner(out / CLAIMS_DIR / str(manifest.attempt))
+        raise OutputFolderError(
+            f"{out}: another run ({who}) is writing a different job into it ({'; '.join(diff)}); wait for it to "
+            "end or use another output folder"
+        )
+    if any(s.status == "done" for s in manifest.shards):
         raise OutputFolderError(
             f"{out} holds the results of another job ({'; '.join(diff)}); use another output folder"
         )
-    if manifest.checkpoint_sha256 != model.sha256:
-        raise OutputFolderError(
-            f"{out} was written with a checkpoint of sha256 {manifest.checkpoint_sha256}, but {model.path} "
-            f"now has sha256 {model.sha256}; use another output folder"
-        )
+    return False
+
+
+def _clear_folder(out: Path) -> None:
+    for name in (PLAN, ERRORS, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    for name in (ERRORS_DIR, FEATURES_DIR, CLAIMS_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _remove_temporary_files(out: Path) -> None:
@@ -118,10 +159,17 @@ def reconcile(out: Path, manifest: Manifest) -> None:
 
 
 def finalize_output(
-    job: BatchJob, totals: WorkerStats, *, skipped: int, started: float, dist: DistInfo | None = None
+    job: BatchJob,
+    totals: WorkerStats,
+    *,
+    skipped: int,
+    started: float,
+    dist: DistInfo | None = None,
+    problems: int = 0,
 ) -> BatchSummary:
     """The run's summary; in the main process (rank 0, the Ray driver) also reconcile the manifest with the part
-    files and merge every errors file into ``_errors.jsonl``."""
+    files and merge every errors file into ``_errors.jsonl``. ``problems``: inputs this run's planning found
+    unreadable, counted among its errors."""
     out = Path(job.out)
     dist = dist or DistInfo()
     records = 0
@@ -135,7 +183,7 @@ def finalize_output(
         out=out,
         done=totals.images,
         skipped=skipped,
-        errors=totals.errors,
+        errors=totals.errors + problems,
         shards_done=sum(1 for s in manifest.shards if s.status == "done"),
         shards_total=len(manifest.shards),
         wall_s=time.perf_counter() - started,

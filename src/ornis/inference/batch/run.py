@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ornis.errors import OrnisError
-from ornis.inference.batch.job import BatchJob, BatchSummary, WorkerStats, make_job
+from ornis.inference.batch.job import BatchJob, BatchSummary, WorkerStats, check_device_available, make_job
 from ornis.inference.batch.output import PreparedOutput, finalize_output, prepare_output
 from ornis.inference.batch.worker import run_worker
 from ornis.utils.distributed import (
@@ -44,10 +44,11 @@ def classify(
 def run_batch(job: BatchJob) -> BatchSummary:
     """Run ``job`` in this process, or as one rank of a ``torchrun`` group (detected from the environment)."""
     started = time.perf_counter()
+    check_device_available(job.device)  # before the folder is touched: a run that cannot start writes nothing
     # gloo even on GPUs: the group only carries barriers and a few numbers
     dist = init_distributed("gloo")
+    prepared: PreparedOutput | None = None
     try:
-        prepared: PreparedOutput | None = None
         failure: Exception | None = None
         if dist.is_main:
             try:
@@ -62,12 +63,14 @@ def run_batch(job: BatchJob) -> BatchSummary:
         stats = run_worker(job, dist=dist, model=prepared.model if prepared else None)
         totals = _total_over_ranks(stats)
         barrier()
-        skipped = prepared.skipped if prepared else 0
-        summary = finalize_output(job, totals, skipped=skipped, started=started, dist=dist)
+        skipped, problems = (prepared.skipped, prepared.problems) if prepared else (0, 0)
+        summary = finalize_output(job, totals, skipped=skipped, started=started, dist=dist, problems=problems)
         if dist.is_main:
             log.info("%s", summary)
         return summary
     finally:
+        if prepared is not None:
+            prepared.release()
         close_distributed(dist)
 
 

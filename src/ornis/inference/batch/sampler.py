@@ -10,7 +10,7 @@ from pathlib import Path
 from torch.utils.data import Sampler
 
 from ornis.inference.batch.layout import CLAIMS_DIR, errors_path, part_name
-from ornis.inference.batch.manifest import Manifest, ShardEntry
+from ornis.inference.batch.manifest import Manifest, OutputFolderError, ShardEntry
 from ornis.utils.fs import read_jsonl
 
 
@@ -54,9 +54,14 @@ class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
         if not self.claim:
             return True
         try:
-            fd = os.open(self.claims / f"{shard_id:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(self.claims / f"{shard_id:05d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            raise OutputFolderError(
+                f"{self.claims} was removed while this run was claiming shards (by a run that does not share claims, "
+                "or by hand); the shards written so far are kept: run the same command again to finish"
+            ) from None
         with os.fdopen(fd, "w") as f:  # who took it, for whoever debugs a slow shard
             f.write(f"rank {self.rank} host {socket.gethostname()} pid {os.getpid()}\n")
         return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from types import TracebackType
 
@@ -12,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ornis.data.datasets import ShardDataset
-from ornis.inference.batch.job import BatchJob, WorkerStats
-from ornis.inference.batch.layout import PLAN
+from ornis.inference.batch.job import BatchJob, WorkerStats, check_device_available
+from ornis.inference.batch.layout import CLAIMS_DIR, PLAN
+from ornis.inference.batch.lease import AttemptLease
 from ornis.inference.batch.manifest import load_manifest
 from ornis.inference.batch.model import ResolvedModel, load_model
 from ornis.inference.batch.records import Batch, Outputs, collate_batch
@@ -42,6 +44,7 @@ def run_worker(
     out = Path(job.out)
     manifest = load_manifest(out)
     model = model or ResolvedModel.from_manifest(manifest, job)
+    check_device_available(job.device)
     device = _device(job, dist)
     net, info = load_model(model, job, device)
     runner = ModelRunner(net, info, job, device)
@@ -53,7 +56,11 @@ def run_worker(
     writer = ShardWriter(out, job, runner, sampler.expected, model.sha256)
     pending = manifest.pending_count if not job.retry_errors else 0
     enabled = dist.is_main and progress_enabled(job.progress)
-    with BatchProgress(pending, dist.world_size, enabled=enabled, desc=job.task) as progress:
+    # The lease tells a run that starts meanwhile to share this attempt's claims rather than reset them
+    with (
+        AttemptLease(out / CLAIMS_DIR / manifest.attempt) if manifest.attempt else nullcontext(),
+        BatchProgress(pending, dist.world_size, enabled=enabled, desc=job.task) as progress,
+    ):
         stats = _pipeline(loader, runner, writer, progress)
     stats.wall_s = time.perf_counter() - started
     return stats

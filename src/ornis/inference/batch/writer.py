@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ornis.data.datasets import read_plan_shard
+from ornis.data.inputs import utf8_name
 from ornis.inference.batch.job import BatchJob
 from ornis.inference.batch.layout import PLAN, errors_path, features_path, part_name
 from ornis.inference.batch.manifest import updating_manifest
@@ -90,9 +91,10 @@ class ShardWriter:
             np.save(f, feats.astype(dtype))
 
     def _merge_existing(self, shard: int, part: Path, new_rows: list[Row]) -> list[Row]:
-        order = {item.key: i for i, item in enumerate(read_plan_shard(self.out / PLAN, shard))}
+        plan = read_plan_shard(self.out / PLAN, shard)
+        order = {utf8_name(item.key): i for i, item in enumerate(plan)}
         old = pq.read_table(part).to_pylist()
-        fresh = {r.key for r in new_rows}
+        fresh = {utf8_name(r.key) for r in new_rows}
         feats = np.load(features_path(self.out, shard, self.job.features)) if self.job.features else None
         merged = list(new_rows)
         for j, row in enumerate(old):
@@ -105,11 +107,13 @@ class ShardWriter:
                 outputs = Outputs(probabilities=probs, label_ids=ids)
             if feats is not None:
                 outputs = Outputs(outputs.embedding, outputs.probabilities, outputs.label_ids, feats[j])
-            merged.append(Row(order[row["path"]], row["path"], row["width"], row["height"], outputs))
+            index = order[row["path"]]
+            merged.append(Row(index, plan[index].key, row["width"], row["height"], outputs))
         return merged
 
     def _table(self, rows: list[Row]) -> pa.Table:
-        cols: dict[str, pa.Array] = {"path": pa.array([r.key for r in rows], pa.string())}
+        # Names that are not UTF-8 (surrogate escapes) as \xNN: Parquet strings must be valid UTF-8
+        cols: dict[str, pa.Array] = {"path": pa.array([utf8_name(r.key) for r in rows], pa.string())}
         if self.job.task == "embed":
             cols["embedding"] = self._embedding_column(rows)
         else:
