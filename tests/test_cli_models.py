@@ -148,3 +148,42 @@ def test_download_offline_explains(served, capsys, monkeypatch):
 def test_verify_empty_cache(capsys, tmp_path: Path, published_only):
     assert main(["models", "verify", "--cache", str(tmp_path)]) == 0
     assert "no published weights in the cache" in capsys.readouterr().out
+
+
+def test_info_shipped_model_counts_its_own_architecture(capsys):
+    """The shipped model is a 4-block vit_t16 at 48 px: its file's config overrides count (0.82 M, not the full
+    vit_t16's 5.5 M), and it has no URL: it ships with ornis."""
+    from ornis.assets import DEMO_MODEL, DEMO_MODEL_FILE
+
+    net, _ = ornis.load_pretrained_model(DEMO_MODEL_FILE)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(0.82e6, abs=0.005e6)
+    assert main(["models", "info", DEMO_MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "parameters (M)  0.82" in out
+    assert "pt url          none: ships with ornis" in out
+    assert "huggingface" not in out and f"{DEMO_MODEL_FILE} (ships with ornis)" in out
+
+
+def test_download_malformed_base_url_fails_at_once(served, capsys, monkeypatch):
+    _, _, cache_root = served
+    monkeypatch.setattr(download, "BACKOFF_S", 1.0)  # the default: six tries of a malformed URL took ~31 s
+    args = ["models", "download", NAME, "--cache", str(cache_root), "--no-progress", "--base-url", "localhost:8000"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ornis: error: 'localhost:8000/")
+    assert "is not a valid download URL (the scheme is 'localhost'" in err
+    assert not (cache_root / "weights").exists()
+
+
+def test_download_into_a_cache_that_is_a_file(served, capsys, monkeypatch, tmp_path):
+    srv, _, _ = served
+    blocker = tmp_path / "cache.txt"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ORNIS_CACHE", str(blocker))
+    assert main(["models", "download", NAME, "--base-url", f"{srv.url}/m", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"ornis: error: ORNIS_CACHE={blocker}: the weights cache cannot be used: {blocker} is a file" in err
+    assert srv.requests == []
+    assert main(["models", "download", NAME, "--base-url", f"{srv.url}/m", "--no-progress", "--force"]) == 1
+    assert f"{blocker} is a file, not a folder" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -267,3 +268,141 @@ def test_every_torch_load_in_ornis_is_weights_only():
     assert calls, "expected torch.load calls in ornis"
     unsafe = [(str(p), c) for p, c in calls if "weights_only=True" not in c]
     assert unsafe == []
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def tiny_hub_state(width: int = 64, registers: int = 4) -> dict[str, torch.Tensor]:
+    """A one-block DINOv2-with-registers state dict in the torch-hub layout (patch 14, a 2x2 grid), random."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.05
+
+    state = {
+        "cls_token": r(1, 1, width),
+        "register_tokens": r(1, registers, width),
+        "pos_embed": r(1, 5, width),
+        "mask_token": r(1, width),
+        "patch_embed.proj.weight": r(width, 3, 14, 14),
+        "patch_embed.proj.bias": r(width),
+        "norm.weight": r(width),
+        "norm.bias": r(width),
+    }
+    for leaf, shape in {
+        "norm1.weight": (width,),
+        "norm1.bias": (width,),
+        "attn.qkv.weight": (3 * width, width),
+        "attn.qkv.bias": (3 * width,),
+        "attn.proj.weight": (width, width),
+        "attn.proj.bias": (width,),
+        "ls1.gamma": (width,),
+        "norm2.weight": (width,),
+        "norm2.bias": (width,),
+        "mlp.fc1.weight": (4 * width, width),
+        "mlp.fc1.bias": (4 * width,),
+        "mlp.fc2.weight": (width, 4 * width),
+        "mlp.fc2.bias": (width,),
+        "ls2.gamma": (width,),
+    }.items():
+        state[f"blocks.0.{leaf}"] = r(*shape)
+    return state
+
+
+def _junk_sources(folder: Path) -> dict[str, Path]:
+    files = {
+        "text": b"hello, I am a text file\n" * 4,
+        "random": bytes((i * 7919 + 13) % 251 for i in range(4096)),
+        "pickle-header": b"\x80\x02" + bytes(range(256)),
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = folder / f"{name}.pt"
+        paths[name].write_bytes(data)
+    torch.save([1, 2, 3], folder / "list.pt")
+    paths["list"] = folder / "list.pt"
+    # The right top-level keys with too little behind them: what a converter reads first is there, the rest not
+    torch.save(
+        {
+            "model": {
+                "image_encoder.trunk.patch_embed.proj.weight": torch.zeros(8, 3, 7, 7),
+                "image_encoder.trunk.pos_embed": torch.zeros(1, 8, 7, 7),
+                "image_encoder.trunk.pos_embed_window": torch.zeros(1, 8, 8, 8),
+            }
+        },
+        folder / "trunk.pt",
+    )
+    paths["partial-sam2"] = folder / "trunk.pt"
+    hub = tiny_hub_state()
+    del hub["blocks.0.mlp.fc1.weight"]
+    torch.save({k: v for k, v in hub.items() if not k.startswith("blocks.")}, folder / "hub.pth")
+    paths["partial-dinov2"] = folder / "hub.pth"
+    torch.save({**hub, "pos_embed": torch.zeros(5)}, folder / "flat_pos.pth")
+    paths["flat-pos-embed"] = folder / "flat_pos.pth"
+    return paths
+
+
+@pytest.mark.parametrize("converter", [convert_sam2, convert_dinov2], ids=["sam2", "dinov2"])
+def test_converters_on_junk_raise_one_typed_error(tmp_path, converter):
+    """A text file once ended in `IndexError: pop from empty list` / `KeyError: 101`, a partial state dict in
+    `ValueError: max() arg is an empty sequence`: every one is now a CheckpointFormatError naming the file."""
+    for kind, src in _junk_sources(tmp_path).items():
+        with pytest.raises(CheckpointFormatError) as e:
+            converter(src, tmp_path / "out.pt")
+        assert e.value.path == src, kind
+        assert str(e.value).startswith(f"{src}: "), kind
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value), kind
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_dinov2_folder_with_a_broken_config(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointFormatError, match=r"not a DINOv2 checkpoint this converter can read \(JSONDecode"):
+        convert_dinov2(folder, tmp_path / "out.pt")
+    (folder / "config.json").write_text("{}")
+    torch.save({"embeddings.cls_token": torch.zeros(1, 1, 8)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match=r"\(KeyError: 'num_attention_heads'\)"):
+        convert_dinov2(folder, tmp_path / "out.pt")
+
+
+def test_converter_arguments_are_checked_before_reading(tmp_path):
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    (tmp_path / "outdir").mkdir()
+    for convert in (convert_sam2, convert_dinov2):
+        with pytest.raises(IsADirectoryError, match="a folder; expected the name of the .pt or .safetensors file"):
+            convert(text, tmp_path / "outdir")
+    with pytest.raises(ValueError, match=r"size must be a positive multiple of 32 \(HieraDet's stride\), found 100"):
+        convert_sam2(text, tmp_path / "x.pt", size=100)
+    with pytest.raises(ValueError, match=r"num_heads must be a positive integer, found 0"):
+        convert_dinov2(text, tmp_path / "x.pt", num_heads=0)
+    with pytest.raises(ornis.UnknownModelError, match="hieradet_smal"):
+        convert_sam2(text, tmp_path / "x.pt", network="hieradet_smal")
+
+
+def test_cli_convert_junk_is_one_line(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    for source in ("sam2", "dinov2"):
+        assert main(["convert", source, str(text), "-o", str(tmp_path / "x.pt")]) == 1
+        err = capsys.readouterr().err
+        why = "not a torch.save file (neither a zip archive nor a pickle); truncated, or another kind of file?"
+        assert err == f"ornis: error: {text}: {why}\n"
+    assert main(["convert", "sam2", str(text), "-o", str(tmp_path / "x.pt"), "--size", "0"]) == 2
+    assert "argument --size: 0 must be at least 1" in capsys.readouterr().err
+    assert main(["convert", "dinov2", str(text), "-o", str(tmp_path / "x.pt"), "--num-heads", "-1"]) == 2
+    assert "argument --num-heads: -1 must be at least 1" in capsys.readouterr().err
+
+
+def test_converted_file_mode_follows_the_umask(tmp_path):
+    src = tmp_path / "dinov2_tiny_reg4.pth"
+    torch.save(tiny_hub_state(), src)
+    old = os.umask(0o022)
+    try:
+        dst = convert_dinov2(src, tmp_path / "vit_tiny.pt")
+    finally:
+        os.umask(old)
+    assert dst.stat().st_mode & 0o777 == 0o644
+    net, _ = ornis.load_pretrained_model(dst)
+    assert net.name == "vit_reg4_s14_nps_ls" and sum(p.numel() for p in net.parameters()) > 0

@@ -269,13 +269,20 @@ def test_sample_masks_mask_one_of_two_views_and_repeat_per_seed() -> None:
     assert 6 <= min(counts) and max(counts) <= 32  # 10-50% of 64 patches
 
 
-def test_dino_head_shapes_and_frozen_prototypes() -> None:
-    head = DINOHead(12, 40, hidden_dim=16, bottleneck_dim=8, num_layers=3)
+def test_dino_head_shapes_and_upstream_init() -> None:
+    """Shapes, and the init of DINOv2's head: trunc-normal (std 0.02) MLP with zero biases, and the prototype layer
+    left at nn.Linear's default (uniform in +-1/sqrt(in)), whose rows have norm ~sqrt(1/3) = 0.58 (the freeze of
+    the prototypes is a zero lr for their parameter group now, see test_train_defaults)."""
+    torch.manual_seed(0)
+    head = DINOHead(12, 4096, hidden_dim=512, bottleneck_dim=256, num_layers=3)
     x = torch.randn(5, 12)
     out = head(x)
-    assert out.shape == (5, 40)
+    assert out.shape == (5, 4096)
     assert float(out.detach().abs().max()) <= 1.0 + 1e-5  # unit bottleneck against unit-norm prototypes (g = 1)
-    head(x, freeze_last_layer=True).sum().backward()
-    assert torch.count_nonzero(head.last_layer.weight_v.grad) == 0
-    assert torch.count_nonzero(head.last_layer.weight_g.grad) == 0
-    assert torch.count_nonzero(head.mlp[0].weight.grad) > 0
+    rows = head.last_layer.weight_v.detach().norm(dim=1)
+    assert float(rows.mean()) == pytest.approx(0.577, abs=0.01)  # trunc_normal(0.02) gave 0.32
+    assert float(head.last_layer.weight_v.abs().max()) <= 1 / 16
+    assert torch.all(head.last_layer.weight_g == 1)
+    for m in head.mlp:
+        if isinstance(m, torch.nn.Linear):
+            assert float(m.weight.detach().std()) == pytest.approx(0.02, rel=0.1) and not m.bias.any()

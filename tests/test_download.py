@@ -159,18 +159,114 @@ def test_offline_error_says_what_to_put_where(entry, server, tmp_path, monkeypat
     assert server.requests == []
 
 
-def test_unreachable_server_retries_then_explains(entry, tmp_path, monkeypatch):
+def test_refused_connection_fails_fast_then_explains(entry, tmp_path, monkeypatch):
+    """Nobody listening is not a slow network: one quick second try, not RETRIES backed-off waits (before: six
+    attempts over ~31 s with the default 1 s back-off)."""
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(download, "RETRIES", 2)
+    monkeypatch.setattr(download, "BACKOFF_S", 1.0)  # the default
     url = f"http://127.0.0.1:{port}/w"
     t0 = time.monotonic()
-    with pytest.raises(WeightsNotFoundError, match="gave up after 3 attempts") as e:
+    with pytest.raises(WeightsNotFoundError, match=r"Connection refused\); gave up after 2 attempts") as e:
         cache.resolve_weights(NAME, base_url=url, progress=False)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 3
     assert f"{url}/{NAME}.pt" in str(e.value)
     assert str(tmp_path / "cache" / "weights" / f"{NAME}.pt") in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "why"),
+    [
+        ("localhost:8000/w", "the scheme is 'localhost'"),
+        ("http//mirror/w", "the scheme is none"),
+        ("http://mirror:port/w", "Port could not be cast"),
+        ("ftp://mirror/w", "the scheme is 'ftp'"),
+        ("http:///w", "it names no host"),
+    ],
+)
+def test_malformed_base_url_fails_at_once(entry, tmp_path, monkeypatch, base_url, why):
+    """A typo in the mirror is not a network failure: no connection, no retry, no cache folder made."""
+    monkeypatch.setattr(download, "BACKOFF_S", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(WeightsNotFoundError, match="is not a valid download URL") as e:
+        cache.resolve_weights(NAME, base_url=base_url, progress=False)
+    assert time.monotonic() - t0 < 1
+    assert why in str(e.value) and "ORNIS_BASE_URL" in str(e.value)
+    assert cache_files(tmp_path) == []
+
+
+def test_server_errors_are_still_retried(entry, server, checkpoint_bytes, tmp_path):
+    """5xx answers (a busy or restarting hub) keep their retries: two 503s, then the file."""
+    server.fail_with = [503, 502]
+    path = cache.resolve_weights(NAME, progress=False)
+    assert path.read_bytes() == checkpoint_bytes
+    assert len(server.requests) == 3
+
+
+def test_cache_that_is_a_file_is_named(entry, server, tmp_path, monkeypatch):
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ORNIS_CACHE", str(blocker))
+    with pytest.raises(WeightsNotFoundError, match=rf"ORNIS_CACHE={blocker}: .* {blocker} is a file, not a folder"):
+        cache.resolve_weights(NAME, progress=False)
+    monkeypatch.setenv("ORNIS_OFFLINE", "1")  # offline too: "put the file at <a path under a file>" would be no help
+    with pytest.raises(WeightsNotFoundError, match=rf"ORNIS_CACHE={blocker}: .* is a file, not a folder"):
+        ornis.load_pretrained_model(NAME)
+    assert server.requests == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_cache_is_named(entry, server, tmp_path, monkeypatch):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    monkeypatch.setenv("ORNIS_CACHE", str(root))
+    try:
+        with pytest.raises(WeightsNotFoundError, match=rf"ORNIS_CACHE={root}: .*cannot be made \(Permission denied\)"):
+            cache.resolve_weights(NAME, progress=False)
+    finally:
+        root.chmod(0o755)
+    assert server.requests == []
+
+
+def test_unwritable_cache_is_named(entry, server, tmp_path, monkeypatch):
+    """The same check as a read-only folder, seen through os.access (which root passes on a real one)."""
+    root = tmp_path / "shared"
+    monkeypatch.setenv("ORNIS_CACHE", str(root))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(root)) else real_access(p, mode))
+    with pytest.raises(WeightsNotFoundError) as e:
+        cache.resolve_weights(NAME, progress=False)
+    assert str(e.value) == (
+        f"ORNIS_CACHE={root}: the weights cache cannot be used: {root / 'weights'} is not writable; point "
+        "ORNIS_CACHE (or --cache) at a writable folder"
+    )
+    assert server.requests == []
+
+
+def test_read_only_cache_with_the_file_still_loads(entry, server, checkpoint_bytes, tmp_path, monkeypatch):
+    """A shared cache others filled and this user cannot write: the verified marker cannot be written, the file
+    is used all the same (and re-hashed next time)."""
+    path = cache.resolve_weights(NAME, progress=False)
+    download.marker_path(path).unlink()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(download.marker_path(path)))
+
+    monkeypatch.setattr(download, "atomic_write_json", refuse)
+    assert cache.resolve_weights(NAME, progress=False) == path
+    assert not download.marker_path(path).exists()
+
+
+def test_downloaded_files_follow_the_umask(entry, server, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = cache.resolve_weights(NAME, progress=False)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert download.marker_path(path).stat().st_mode & 0o777 == 0o644
 
 
 def test_missing_file_is_not_retried(entry, server, tmp_path):

@@ -164,3 +164,52 @@ def test_input_not_a_multiple_of_the_patch_size() -> None:
     net = ornis.build_model("vit_t16", size=64)
     with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
         net(torch.zeros(1, 3, 64, 70))
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [(None, "NoneType None"), (42, "int 42"), (b"flexivit.pt", "bytes b'flexivit.pt'"), (3.5, "float 3.5")],
+    ids=["none", "int", "bytes", "float"],
+)
+def test_load_pretrained_model_names_the_argument_of_a_wrong_type(value, found) -> None:
+    """Not "argument of type 'NoneType' is not iterable": the argument, the accepted types and what was found."""
+    with pytest.raises(TypeError) as e:
+        ornis.load_pretrained_model(value)
+    assert str(e.value) == (
+        f"weights must be a published model name or a checkpoint path (str or os.PathLike), found {found}"
+    )
+    with pytest.raises(TypeError, match=r"^dst must be a published model name or a checkpoint path"):
+        ornis.load_pretrained_model("ornis_shapes_vit_tiny", dst=7)
+    with pytest.raises(ValueError, match=r"^weights is empty; expected a published model name"):
+        ornis.load_pretrained_model("  ")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x80\x02" + bytes(range(256)) * 4, b"\x80\x04junk that is no pickle" * 8],
+    ids=["pickle-header-then-bytes", "pickle-header-then-text"],
+)
+def test_junk_behind_a_pickle_header(tmp_path, content) -> None:
+    """Whatever the unpickler trips on (KeyError, IndexError, an unknown opcode...), it is one typed error naming
+    the file, never the unpickler's own exception."""
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointFormatError, match="truncated or corrupt") as e:
+        ornis.load_pretrained_model(path)
+    assert e.value.path == path and "weights_only" not in str(e.value)
+
+
+def test_a_folder_or_a_fifo_is_not_called_missing(tmp_path) -> None:
+    """ "no such file" for a path that is there sends the user looking in the wrong place."""
+    folder = tmp_path / "weights.pt"
+    folder.mkdir()
+    with pytest.raises(CheckpointFormatError, match=r"weights.pt: a folder; expected a checkpoint file$"):
+        ornis.load_pretrained_model(folder)
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointFormatError, match=r"pipe.pt: not a regular file \(a pipe, socket or device\)"):
+        ornis.load_pretrained_model(fifo)
+    export = tmp_path / "model.pts"
+    export.mkdir()
+    with pytest.raises(CheckpointFormatError, match=r"model.pts: a folder; expected a checkpoint file$"):
+        ornis.load_pretrained_model(export)

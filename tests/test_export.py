@@ -255,15 +255,103 @@ def test_pt2_keeps_its_one_method_under_the_card_api_name(tmp_path: Path) -> Non
     assert info.custom_config["export"]["format"] == "pt2" and not module.training
 
 
-def test_exported_file_mode_follows_the_umask(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["pts", "pt2", pytest.param("onnx", marks=needs_onnx)])
+def test_exported_file_mode_follows_the_umask(tmp_path: Path, fmt: str) -> None:
     """Written through a temporary file like every other ornis file: the mode is the umask's (0644 under 022), not
-    mkstemp's 0600."""
+    mkstemp's 0600, in every format (each exporter writes its own way: torch.jit.save, torch.export.save, onnx)."""
     old = os.umask(0o022)
     try:
-        export_model(small_model("vit"), tmp_path / "vit.pts", output="embedding")
+        export_model(small_model("vit"), tmp_path / f"vit.{fmt}", output="embedding")
     finally:
         os.umask(old)
-    assert (tmp_path / "vit.pts").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / f"vit.{fmt}").stat().st_mode & 0o777 == 0o644
+    assert leftovers(tmp_path) == [f"vit.{fmt}"]
+
+
+@pytest.mark.parametrize(
+    ("size", "match"),
+    [
+        ((50, 50), r"vit_reg4_t16: export size \(50, 50\) is not two positive multiples of 16 \(the model's stride\)"),
+        ((0, 0), r"export size \(0, 0\) is not two positive multiples of 16"),
+        ((64, -64), r"export size \(64, -64\)"),
+        (40, r"export size 40 is not two positive multiples of 16 \(the model.s stride\); e.g. \(64, 64\)"),
+        ((64.0, 64.0), r"export size \(64.0, 64.0\)"),
+    ],
+    ids=["not-a-multiple", "zero", "negative", "int", "floats"],
+)
+def test_bad_export_size_is_refused_before_any_work(tmp_path: Path, monkeypatch, size, match) -> None:
+    """Before: a ValueError from inside the model (50) or a RuntimeError from the convolution (0), after tracing."""
+    monkeypatch.setattr("ornis.export.exporter.ExportHead", None)  # any work would fail with a TypeError
+    with pytest.raises(ExportError, match=match):
+        export_model(small_model("vit"), tmp_path / "m.pts", size=size)
+    assert leftovers(tmp_path) == []
+
+
+def test_hierarchical_export_size_steps_by_32(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("ornis.export.exporter.ExportHead", None)
+    with pytest.raises(ExportError, match=r"hieradet_tiny: export size \(48, 48\) is not two positive multiples of 32"):
+        export_model(small_model("hieradet"), tmp_path / "m.pt2", size=48)
+
+
+def test_output_that_is_a_folder_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """Before: the export ran, then the final rename failed with a bare IsADirectoryError."""
+    monkeypatch.setattr("ornis.export.exporter.ExportHead", None)
+    folder = tmp_path / "model.pts"
+    folder.mkdir()
+    with pytest.raises(ExportError, match=rf"^{folder} is a folder; the output names the file to write, e.g. "):
+        export_model(small_model("vit"), folder)
+    assert leftovers(tmp_path) == ["model.pts"] and leftovers(folder) == []
+
+
+def test_export_arguments_out_of_range(tmp_path: Path) -> None:
+    net = small_model("vit")
+    with pytest.raises(ExportError, match=r"tolerance must be a number of at least 0, found nan"):
+        export_model(net, tmp_path / "m.pts", tolerance=float("nan"))
+    with pytest.raises(ExportError, match=r"check_batch must be an integer of at least 1, found 0"):
+        export_model(net, tmp_path / "m.pts", check_batch=0)
+    with pytest.raises(ExportError, match=r"patch_size must be a positive integer, found -8"):
+        export_model(net, tmp_path / "m.pts", patch_size=-8)
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_bad_export_requests_are_one_line_before_loading(tmp_path: Path, capsys, monkeypatch) -> None:
+    from ornis.cli import export as cli_export
+    from ornis.cli.main import main
+
+    ckpt = ornis.save_model(small_model("vit"), tmp_path / "vit_reg4_t16_mine.pt", config=FAMILIES["vit"][1])
+    (tmp_path / "dir.pts").mkdir()
+    code = main(["export", str(ckpt), "-o", str(tmp_path / "m.pts"), "--size", "50", "50"])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        "ornis: error: vit_reg4_t16: export size (50, 50) is not two positive multiples of 16 (the model's stride); "
+        "e.g. (64, 64)\n"
+    )
+    for args, code, message in [
+        (["--size", "0", "0"], 2, "argument --size: 0 must be at least 1"),
+        (["--batch", "0"], 2, "argument --batch: 0 must be at least 1"),
+        (["--tolerance", "-1"], 2, "argument --tolerance: -1 must be at least 0.0"),
+    ]:
+        assert main(["export", str(ckpt), "-o", str(tmp_path / "m.pts"), *args]) == code
+        assert message in capsys.readouterr().err
+    # -o a folder is refused before the model is even loaded (a published model may be a download)
+    monkeypatch.setattr(cli_export, "load_pretrained_model", None)
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "dir.pts")]) == 1
+    err = capsys.readouterr().err
+    folder = tmp_path / "dir.pts"
+    assert err == f"ornis: error: {folder} is a folder; the output names the file to write, e.g. {folder}/model.pts\n"
+    assert leftovers(tmp_path) == ["dir.pts", "vit_reg4_t16_mine.pt"]
+
+
+def test_export_reports_its_success_once(tmp_path: Path, capsys, caplog) -> None:
+    """The CLI prints the summary; the library no longer also logs it at INFO (two identical lines before)."""
+    from ornis.cli.main import main
+
+    ckpt = ornis.save_model(small_model("vit"), tmp_path / "vit_reg4_t16_mine.pt", config=FAMILIES["vit"][1])
+    with caplog.at_level("INFO"):
+        assert main(["export", str(ckpt), "-o", str(tmp_path / "m.pts"), "--batch", "1"]) == 0
+    captured = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("exported ")]
+    assert (captured.out + captured.err + "".join(logged)).count("exported embedding") == 1
 
 
 def test_load_exported_rejects_other_files(tmp_path: Path) -> None:

@@ -4,13 +4,15 @@ both file formats and for every family."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import ornis
-from ornis.weights.checkpoint import read_checkpoint
+from ornis.weights import checkpoint
+from ornis.weights.checkpoint import read_checkpoint, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,3 +84,34 @@ def test_defaults_written_when_not_given(tmp_path: Path) -> None:
 def test_registered_variant_records_no_overrides(tmp_path: Path) -> None:
     net = ornis.build_model("vit_t16", size=32)
     assert read_checkpoint(ornis.save_model(net, tmp_path / "m.safetensors")).config is None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_saved_file_mode_follows_the_umask(tmp_path: Path, fmt: str) -> None:
+    """0644 under umask 022, like any file a user makes, not mkstemp's 0600 (unreadable to others on a shared
+    machine); 0600 under umask 077 for a user who wants that."""
+    net = ornis.build_model("vit_t16", size=32, config={"patch_size": 4})
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(mask)
+        try:
+            saved = ornis.save_model(net, tmp_path / f"m{mask:o}.{fmt}")
+            written = write_checkpoint(read_checkpoint(saved), tmp_path / f"copy{mask:o}.{fmt}")
+        finally:
+            os.umask(old)
+        assert saved.stat().st_mode & 0o777 == mode
+        assert written.stat().st_mode & 0o777 == mode
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_save_into_a_folder_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = ornis.build_model("vit_t16", size=32, config={"patch_size": 4})
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was serialised before the destination was checked")
+
+    monkeypatch.setattr(checkpoint, "checkpoint_from_model", no_work)
+    with pytest.raises(IsADirectoryError) as e:
+        ornis.save_model(net, tmp_path)
+    assert e.value.filename == str(tmp_path)
+    assert e.value.strerror == "a folder; expected the name of the .pt or .safetensors file to write"
+    assert list(tmp_path.iterdir()) == []

@@ -132,6 +132,7 @@ def test_cli_train_classify(tmp_path, data):
         "log.jsonl",
         "val_metrics.json",
         "vit_t16_classify.pt",
+        "vit_t16_classify_best.pt",  # validated at the end: the best top-1 so far is kept
         "vit_t16_classify_s2.pt",
         "vit_t16_classify_s2_states.pt",
         "vit_t16_classify_s3.pt",

@@ -65,10 +65,30 @@ class ModelSource:
     network: str | None = None  # the architecture, where the name alone says it
 
 
+def check_model_name(name: Any, argument: str = "weights") -> None:
+    """``TypeError`` naming ``argument`` unless ``name`` is a model name or path (a non-empty ``str`` or an
+    ``os.PathLike``): ``None``, a number or ``bytes`` would otherwise fail deep inside with a message about
+    something else."""
+    if isinstance(name, os.PathLike):
+        return
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{argument} must be a published model name or a checkpoint path (str or os.PathLike), "
+            f"found {type(name).__name__} {name!r:.60}"
+        )
+    if not name.strip():
+        raise ValueError(
+            f"{argument} is empty; expected a published model name (ornis.list_pretrained_models()) or a "
+            "checkpoint path"
+        )
+
+
 def resolve_model_name(name: str | os.PathLike) -> ModelSource:
     """What ``name`` means, the rule every entry point follows: a path is a file (present or not), a manifest name
     is published weights, a registry name is an architecture; otherwise ``UnknownModelError`` suggesting the
-    closest names among both published weights and architectures."""
+    closest names among both published weights and architectures. ``TypeError`` when ``name`` is neither a string
+    nor a path."""
+    check_model_name(name, "name")
     if is_checkpoint_path(name):
         return ModelSource(os.fspath(name), "file", path=Path(name))
     name = str(name)
@@ -262,6 +282,9 @@ def load_pretrained_model(
         Where the file is, or goes (``dst`` a file, ``cache_dir`` the cache folder), no network, a mirror, a
         download progress bar (default: on when stderr is a terminal).
     """
+    check_model_name(weights)
+    if dst is not None:
+        check_model_name(dst, "dst")
     if dst is not None and Path(dst).is_file():
         source = ModelSource(os.fspath(dst), "file", path=Path(dst))
     else:

@@ -1,5 +1,5 @@
 """A loopback HTTP server that serves weights files the way a hub does (Range requests, Content-Length), and can
-misbehave on purpose: cut the connection, ignore Range, corrupt the body, stall, go slow."""
+misbehave on purpose: cut the connection, ignore Range, corrupt the body, stall, go slow, answer with errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from ornis.weights.manifest import PretrainedWeights, WeightsFile
 
 class WeightsServer(ThreadingHTTPServer):
     """Serves ``files`` (URL path -> bytes) with Range support; can cut the connection after ``cut_after`` bytes
-    (once), ignore Range headers, corrupt the body, and slow down; counts bytes sent and records requests."""
+    (once), ignore Range headers, corrupt the body, slow down, and answer the next requests with the error statuses
+    in ``fail_with``; counts bytes sent and records requests."""
 
     daemon_threads = True
 
@@ -27,6 +28,7 @@ class WeightsServer(ThreadingHTTPServer):
         self.corrupt = False
         self.delay_per_chunk = 0.0
         self.stall_once = 0.0  # seconds to go silent after the first chunk, once (a stalled connection)
+        self.fail_with: list[int] = []  # HTTP error statuses to answer the next requests with, one each, in order
         self.bytes_sent = 0
         self.requests: list[tuple[str, str | None]] = []
         self.lock = threading.Lock()
@@ -47,6 +49,11 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with srv.lock:
             srv.requests.append((self.path, rng))
+        with srv.lock:
+            status = srv.fail_with.pop(0) if srv.fail_with else None
+        if status is not None:
+            self.send_error(status)
+            return
         data = srv.files.get(self.path)
         if data is None:
             self.send_error(404)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ornis.cli.common import add_output_argument
+from ornis.cli.common import add_output_argument, positive_int
 from ornis.weights.checkpoint import read_checkpoint
 from ornis.weights.convert import convert_dinov2, convert_sam2
 from ornis.weights.convert.sam2 import SAM2_SIZE
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sam2.add_argument("--network", help="hieradet variant (default: the one matching the trunk's depths and width)")
     sam2.add_argument(
         "--size",
-        type=int,
+        type=positive_int,
         default=SAM2_SIZE,
         help=f"input size recorded in the file (default: {SAM2_SIZE}, SAM 2's)",
     )
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     dinov2.add_argument("src", help="torch-hub state dict (.pth / .safetensors) or a Hugging Face model folder")
     add_output_argument(dinov2, "the .pt or .safetensors file to write")
-    dinov2.add_argument("--num-heads", type=int, help="attention heads (torch-hub files only; default: width / 64)")
+    dinov2.add_argument(
+        "--num-heads", type=positive_int, help="attention heads (torch-hub files only; default: width / 64)"
+    )
     dinov2.set_defaults(func=run_dinov2)
 
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ornis.cli.common import add_output_argument
-from ornis.export import DEFAULT_CHECK_BATCH, DEFAULT_OUTPUT, DEFAULT_TOLERANCE, FORMATS, OUTPUTS, export_model
+from ornis.cli.common import add_output_argument, non_negative_float, positive_int
+from ornis.export import (
+    DEFAULT_CHECK_BATCH,
+    DEFAULT_OUTPUT,
+    DEFAULT_TOLERANCE,
+    FORMATS,
+    OUTPUTS,
+    check_destination,
+    export_model,
+    resolve_format,
+)
 from ornis.loading import load_pretrained_model
 
 
@@ -29,23 +38,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=OUTPUTS,
         help=f"what the graph returns (default: {DEFAULT_OUTPUT})",
     )
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)")
+    parser.add_argument(
+        "--size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the model's)"
+    )
     parser.add_argument("--dynamic-size", action="store_true", help="accept any input size (pt2, onnx; ViT family)")
-    parser.add_argument("--patch-size", type=int, help="FlexiViT: the patch size baked into the export")
+    parser.add_argument("--patch-size", type=positive_int, help="FlexiViT: the patch size baked into the export")
     parser.add_argument(
         "--batch",
-        type=int,
+        type=positive_int,
         default=DEFAULT_CHECK_BATCH,
         metavar="N",
         help=f"batch size of the random check batch (default: {DEFAULT_CHECK_BATCH})",
     )
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=non_negative_float,
         default=DEFAULT_TOLERANCE,
         help=f"largest accepted relative difference (default: {DEFAULT_TOLERANCE:g})",
     )
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--network", help="architecture of a checkpoint file that does not say it")
     parser.add_argument("--device", default="cpu", help="device to trace and check on (default: cpu)")
     parser.set_defaults(func=run_export)
@@ -53,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Load the model, export it, and print the check's summary."""
+    # What can be refused without the model is refused before loading it (a published model may be a download)
+    check_destination(args.output, resolve_format(args.format, args.output))
     net, info = load_pretrained_model(args.model, inference=True, device=args.device, network=args.network)
     report = export_model(
         net,

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,13 +61,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.set_defaults(func=run_verify)
 
 
-def count_parameters(network: str, num_classes: int = 0, size: tuple[int, int] | None = None) -> int:
-    """Parameters of an architecture at input ``size`` (position tables grow with it), counted on the meta device
-    (no memory, no init time)."""
+def count_parameters(
+    network: str,
+    num_classes: int = 0,
+    size: tuple[int, int] | None = None,
+    config: dict[str, Any] | None = None,
+) -> int:
+    """Parameters of an architecture with the ``config`` overrides a checkpoint records, at input ``size`` (position
+    tables grow with it), counted on the meta device (no memory, no init time)."""
     spec = registry.get_model_spec(network)
+    cfg = registry.apply_overrides(spec.config, config) if config else spec.config
     with torch.device("meta"):
-        net = spec.cls(spec.config, num_classes=num_classes, size=size or spec.default_size, name=network)
+        net = spec.cls(cfg, num_classes=num_classes, size=size or spec.default_size, name=network)
     return sum(p.numel() for p in net.parameters())
+
+
+def weights_config(w: PretrainedWeights) -> dict[str, Any] | None:
+    """The config overrides published weights are built with: those their file records when it is on disk (always
+    so for weights that ship with ornis, e.g. a 4-block ``vit_t16``), else none (published files are registered
+    variants)."""
+    shipped = w.extra.get("local_path")
+    return read_checkpoint(shipped).config if shipped and Path(shipped).is_file() else None
+
+
+def _millions(count: int) -> str:
+    """A parameter count in millions, with two decimals below 10 M (a tiny model's 0.82, not 0.8)."""
+    return f"{count / 1e6:.2f}" if count < 10_000_000 else f"{count / 1e6:.1f}"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -119,16 +139,21 @@ def _weights_lines(w: PretrainedWeights, cache_folder: str | None) -> list[tuple
         ("task", w.task),
         ("resolution", f"{w.resolution[0]}x{w.resolution[1]}"),
         ("classes", str(w.num_classes)),
-        ("parameters (M)", f"{count_parameters(w.network, w.num_classes, w.resolution) / 1e6:.1f}"),
+        ("parameters (M)", _millions(count_parameters(w.network, w.num_classes, w.resolution, weights_config(w)))),
         ("description", w.description),
     ]
+    shipped = bool(w.extra.get("local_path"))
     for f in w.files:
         path = cache.local_file(w, f.format, cache_folder)
+        if shipped:
+            where = ("file", f"{path} ({'ships with ornis' if path.is_file() else 'missing: reinstall ornis'})")
+        else:
+            where = ("cache", f"{path} ({'present' if path.is_file() else 'not downloaded'})")
         lines += [
-            (f"{f.format} url", w.url(f.format, cache.base_url_for(w))),
+            (f"{f.format} url", "none: ships with ornis" if shipped else w.url(f.format, cache.base_url_for(w))),
             (f"{f.format} size (MB)", f"{f.size_mb:.1f}"),
             (f"{f.format} sha256", f.sha256),
-            (f"{f.format} cache", f"{path} ({'present' if path.is_file() else 'not downloaded'})"),
+            (f"{f.format} {where[0]}", where[1]),
         ]
     return lines
 
@@ -139,7 +164,7 @@ def _architecture_lines(name: str) -> list[tuple[str, str]]:
         ("architecture", spec.name),
         ("family", spec.family),
         ("default size", str(spec.default_size[0])),
-        ("parameters (M)", f"{count_parameters(spec.name) / 1e6:.1f} (without a classifier)"),
+        ("parameters (M)", f"{_millions(count_parameters(spec.name))} (without a classifier)"),
         ("published weights", ", ".join(n for n, w in MANIFEST.items() if w.network == spec.name) or "none"),
     ]
     return lines + [(f"config.{f.name}", str(getattr(spec.config, f.name))) for f in dataclasses.fields(spec.config)]

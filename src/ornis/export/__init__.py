@@ -43,7 +43,9 @@ from ornis.export.request import (
     FORMATS,
     OUTPUTS,
     ExportRequest,
+    check_destination,
     dynamic_size_refusal,
+    export_size,
     resolve_format,
 )
 
@@ -62,9 +64,11 @@ __all__ = [
     "ExportReport",
     "ExportRequest",
     "ExportedModel",
+    "check_destination",
     "check_export",
     "dynamic_size_refusal",
     "export_model",
+    "export_size",
     "load_exported",
     "load_onnx_session",
     "read_export_metadata",

@@ -115,6 +115,8 @@ def export_model(
     differ); in both cases nothing is left at ``path`` or beside it.
     """
     path = Path(path)
+    if not tolerance >= 0:  # also NaN
+        raise ExportError(f"tolerance must be a number of at least 0, found {tolerance!r}")
     request = export_request(
         net,
         path,
@@ -145,7 +147,7 @@ def export_model(
         net.train(was_training)
 
     report = ExportReport.of(path, request, output_names, result, inputs)
-    logger.info(report.summary())
+    logger.debug(report.summary())  # the caller shows it (the CLI prints it once); a library stays quiet
     return report
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ornis.errors import CheckpointFormatError, ExportError, first_line
 from ornis.export.metadata import META_KEYS, ExportMetadata, parse_metadata
 from ornis.loading import EXPORT_FORMATS, ModelInfo, register_export_reader
+from ornis.weights.checkpoint import require_regular_file
 
 # A .pt2 program has one method, forward: the card API's name for what it computes
 _PT2_METHODS = {"embedding": "embedding", "features": "detection_features"}
@@ -77,8 +78,7 @@ class ExportedModel(nn.Module):
 def sniff_export_format(path: str | os.PathLike) -> str:
     """``"pts"``, ``"pt2"`` or ``"onnx"``, from the file's contents (both torch formats are zip archives)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointFormatError(path, "no such file")
+    require_regular_file(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,15 +99,49 @@ def export_request(
         )
     if dynamic_size and (why := dynamic_size_refusal(net, fmt)) is not None:
         raise ExportError(f"{net.name} cannot be exported to {fmt} with a dynamic input size: {why}")
-    if check_batch < 1:
-        raise ExportError(f"check_batch must be at least 1, found {check_batch}")
+    if isinstance(check_batch, bool) or not isinstance(check_batch, int) or check_batch < 1:
+        raise ExportError(f"check_batch must be an integer of at least 1, found {check_batch!r}")
+    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
+        raise ExportError(f"patch_size must be a positive integer, found {patch_size!r}")
+    hw = export_size(net, size, patch_size)
+    check_destination(path, fmt)
     if fmt == "onnx":
         require_onnx_tools()
+    return ExportRequest(fmt, output, hw, dynamic_size, patch_size, check_batch)
+
+
+def export_size(net: Encoder, size: tuple[int, int] | int | None, patch_size: int | None) -> tuple[int, int]:
+    """The (H, W) to trace at: ``size`` (an int is square) or the model's; ``ExportError`` unless both sides are
+    positive multiples of the model's stride (its patch size for a ViT, 32 for Hiera / HieraDet)."""
     if size is None:
-        size = net.size
-    elif isinstance(size, int):
-        size = (size, size)
-    return ExportRequest(fmt, output, (int(size[0]), int(size[1])), dynamic_size, patch_size, check_batch)
+        return (int(net.size[0]), int(net.size[1]))
+    sides = (size, size) if isinstance(size, int) else tuple(size)
+    step = size_step(net, patch_size)
+    if len(sides) != 2 or any(
+        isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 or s % step for s in sides
+    ):
+        raise ExportError(
+            f"{net.name}: export size {size!r} is not two positive multiples of {step} (the model's stride); "
+            f"e.g. {tuple(int(s) for s in net.size)}"
+        )
+    return (int(sides[0]), int(sides[1]))
+
+
+def check_destination(path: str | os.PathLike, format: str | None = None) -> None:
+    """``ExportError`` before any work when ``path`` cannot become the exported file: it is a folder, or its
+    folder is a file or cannot be written. (A missing folder is fine: it is made.)"""
+    path = Path(path)
+    if path.is_dir():
+        example = path / f"model.{format or 'pt2'}"
+        raise ExportError(f"{path} is a folder; the output names the file to write, e.g. {example}")
+    folder = next((p for p in path.parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        why = "Not a directory"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        why = "Permission denied"
+    else:
+        return
+    raise ExportError(f"{path}: the output folder {path.parent} cannot be written ({why})")
 
 
 def require_onnx_tools() -> None:
@@ -121,4 +156,4 @@ def require_onnx_tools() -> None:
 
 def size_step(net: Encoder, patch_size: int | None) -> int:
     """The smallest change of input side the model accepts (the patch size for a plain ViT, else the total stride)."""
-    return int(patch_size or getattr(net, "patch_size", 0) or 32)
+    return int(patch_size or getattr(net, "max_stride", 0) or getattr(net, "patch_size", 0) or 32)

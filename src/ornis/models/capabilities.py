@@ -53,16 +53,37 @@ class MaskedTokenOmission:
         """The cell grid and the outputs' shapes for an input of ``size`` (H, W)."""
         raise NotImplementedError
 
-    def masked_omission(self, x: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def masked_omission(
+        self, x: torch.Tensor, hidden: torch.Tensor, num_hidden: int | None = None
+    ) -> list[torch.Tensor]:
         """Encode the cells of ``x`` that ``hidden`` (B, rows * columns) bool, row-major on the layout's grid, leaves
-        visible (every row hides as many). Returns, per scale of the layout, the visible cells in increasing cell
-        order as (B, K, m, m, C); the last scale is the encoder's final output (m = 1)."""
+        visible (every row hides as many: ``num_hidden`` if the caller knows it, see ``visible_cells``). Returns, per
+        scale of the layout, the visible cells in increasing cell order as (B, K, m, m, C); the last scale is the
+        encoder's final output (m = 1)."""
         raise NotImplementedError
 
     def omission_unused_modules(self) -> list[nn.Module]:
         """Modules ``masked_omission`` does not run (a trainer freezes them, so DDP does not wait for their
         gradients)."""
         return []
+
+
+def visible_cells(hidden: torch.Tensor, num_hidden: int | None = None) -> torch.Tensor:
+    """(B, K) indices of the cells ``hidden`` (B, cells; nonzero = hidden) leaves visible, ascending per row.
+
+    Every row must hide as many cells. Given ``num_hidden`` (that count, known on the host, as a mask generator
+    knows it), nothing waits for the device and the shapes stay static under ``torch.compile`` (a stable argsort
+    puts the visible cells first, in order). Without it the counts are read from the mask (one host sync, and a
+    graph break under ``torch.compile``) and must agree (``ValueError`` otherwise).
+    """
+    cells = hidden.shape[1]
+    if num_hidden is None:
+        counts = hidden.bool().sum(dim=1).tolist()
+        if len(set(counts)) > 1:
+            raise ValueError(f"every row of the mask must hide as many cells; the rows hide {counts}")
+        num_hidden = counts[0] if counts else 0
+    order = torch.argsort(hidden.bool().to(torch.uint8), dim=1, stable=True)
+    return order[:, : cells - num_hidden]
 
 
 class RetainedTokens(NamedTuple):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout
+from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout, visible_cells
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
 from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid
 from ornis.models.registry import register_model
@@ -301,14 +301,12 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission):
         sides = tuple(2 ** self._levels_left(i) for i in range(len(self.body)))
         return OmissionLayout(grid, TOTAL_STRIDE, MASK_UNIT, tuple(self.return_channels), sides)
 
-    def masked_omission(self, x: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def masked_omission(
+        self, x: torch.Tensor, hidden: torch.Tensor, num_hidden: int | None = None
+    ) -> list[torch.Tensor]:
         """Every stage's output for the visible mask units (MAE-Hiera's multi-scale input), see
         ``MaskedTokenOmission``."""
-        B = hidden.shape[0]
-        # Ascending per row. nonzero() syncs with the host (the count is data); masked_encoding_omission with
-        # ids_keep does not
-        keep = (~hidden.bool()).nonzero(as_tuple=True)[1].view(B, -1)
-        return self._kept_unit_stages(x, keep, range(len(self.body)))
+        return self._kept_unit_stages(x, visible_cells(hidden, num_hidden), range(len(self.body)))
 
     def omission_unused_modules(self) -> list[nn.Module]:
         """The pooled embedding's final norm: the masked path returns stage outputs, unpooled."""
@@ -335,13 +333,15 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission):
             result["embedding"] = self.features(tokens)
         return result
 
-    def masked_encoding(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def masked_encoding(
+        self, x: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The reference's MAE-Hiera encoder pass. ``mask`` (B, units): 1 = masked (dropped), the same count in
-        every row. Returns, for each stage in ``return_stages``, the kept units' tokens as (B, K, m, m, C)
+        every row (``num_masked``, if known on the host: then no host sync and static shapes under
+        ``torch.compile``). Returns, for each stage in ``return_stages``, the kept units' tokens as (B, K, m, m, C)
         patches, and the boolean keep mask (B, units), as the reference does."""
-        keep_mask = (1 - mask).bool()
-        keep = keep_mask.nonzero(as_tuple=True)[1].view(keep_mask.shape[0], -1)
-        return self._kept_unit_stages(x, keep, self._returned_stages()), keep_mask
+        keep = visible_cells(mask, num_masked)
+        return self._kept_unit_stages(x, keep, self._returned_stages()), (1 - mask).bool()
 
     def adjust_size(self, new_size: tuple[int, int]) -> None:
         """Re-base the stored position table on another input size (bicubic with antialias, as the reference)."""

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ornis.models.base import Encoder, Features, normalize_indices
-from ornis.models.capabilities import MaskedTokenOmission, MaskedTokenRetention, OmissionLayout, RetainedTokens
+from ornis.models.capabilities import (
+    MaskedTokenOmission,
+    MaskedTokenRetention,
+    OmissionLayout,
+    RetainedTokens,
+    visible_cells,
+)
 from ornis.models.layers import (
     Attention,
     DropPath,
@@ -283,13 +289,16 @@ class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention):
         grid = (int(size[0]) // p, int(size[1]) // p)
         return OmissionLayout(grid, p, 1, (self.embedding_size,), (1,))
 
-    def masked_omission(self, x: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def masked_omission(
+        self, x: torch.Tensor, hidden: torch.Tensor, num_hidden: int | None = None
+    ) -> list[torch.Tensor]:
         """The visible patches' final tokens (after the final norm) as (B, K, 1, 1, D); the hidden patch tokens are
         dropped before the first block, the special tokens kept. See ``MaskedTokenOmission``."""
         tokens, _ = self.embed_tokens(x)
         special, patches = tokens[:, : self.num_special_tokens], tokens[:, self.num_special_tokens :]
         B, _, D = patches.shape
-        visible = patches[~hidden].view(B, -1, D)  # boolean indexing keeps row-major order per image
+        keep = visible_cells(hidden, num_hidden)
+        visible = patches.gather(1, keep[:, :, None].expand(-1, -1, D))
         out, _ = self.encoder(torch.cat([special, visible], dim=1))
         return [self.norm(out)[:, self.num_special_tokens :].reshape(B, -1, 1, 1, D)]
 

@@ -22,7 +22,12 @@ one without restoring generator states.
 Files (``output_dir``): ``<tag>_s<step>.pt`` is the model in the published format (``recipe.export_checkpoint()``;
 ``ornis.load_pretrained_model(path)`` and ``ornis embed`` read it), with ``<tag>_s<step>_ema.pt`` beside it when an
 EMA is kept; ``<tag>_s<step>_states.pt`` is the training state (``states.py``); at the end ``<tag>.pt`` is the
-final model. ``log.jsonl`` has one line per logged step. ``tag`` is ``recipe.tag``.
+final model. ``log.jsonl`` has one line per logged step (a resumed run first drops the lines after its start).
+``tag`` is ``recipe.tag``. Every ``eval_every`` steps and at the end: ``recipe.evaluate`` (on the EMA weights when
+an EMA is kept) and the k-NN of ``eval_knn``; ``<tag>_best.pt`` is kept at the best ``recipe.best_metric``.
+
+Settings left at ``None`` in ``TrainConfig`` (lr, warm-up, weight decay, betas, clipping) are the recipe's
+published defaults scaled to the run (``TrainConfig.resolve``); the resolved values are logged and saved.
 
 Distributed: start with ``torchrun --nproc-per-node N ...``; the loop joins the process group (NCCL on GPU, gloo on
 CPU), wraps ``recipe.model`` in DDP, and writes files from rank 0. ``fsdp=True`` shards the model with FSDP2
@@ -32,8 +37,8 @@ are gathered from the shards, but no states file is written (no resume), and EMA
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -47,7 +52,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ornis.errors import OrnisError
 from ornis.train.config import Recipe, TrainConfig, TrainResult
-from ornis.train.optim import ModelEMA, cosine_lr
+from ornis.train.evaluation import KnnMonitor
+from ornis.train.monitor import RunLog
+from ornis.train.optim import ModelEMA, clip_gradients, cosine_lr, cosine_schedule
 from ornis.train.sampling import StepBatches, seed_step
 from ornis.train.states import resume, save_states, states_path
 from ornis.train.wrap import wrap
@@ -80,18 +87,15 @@ class _Session:
     out_dir: Path | None
     start: int
     end: int
-
-
-@dataclass
-class _StepOutcome:
-    loss: torch.Tensor  # this rank's loss of the step (mean over micro-batches), detached
-    extra: dict[str, float]  # the recipe's numbers, mean over micro-batches
-    grad_norm: float | None
+    best: float = -math.inf  # the best ``recipe.best_metric`` so far
 
 
 def run(recipe: Recipe, dataset: Dataset, cfg: TrainConfig) -> TrainResult:
     """Train ``recipe`` on ``dataset`` (indexed by ``SampleKey``) for ``cfg.steps`` optimizer steps."""
+    recipe.steps_per_epoch = max(1, math.ceil(len(dataset) / cfg.batch_size))
+    cfg = cfg.resolve(recipe.optim_defaults)
     s = _start(recipe, cfg)
+    knn = _knn_monitor(recipe, cfg)  # every rank checks the folders, so a bad one stops them all
     sampler = StepBatches(len(dataset), cfg, s.start, s.end, s.dist.rank, s.dist.world_size)
     loader = DataLoader(
         dataset,
@@ -102,38 +106,97 @@ def run(recipe: Recipe, dataset: Dataset, cfg: TrainConfig) -> TrainResult:
         persistent_workers=False,
     )
     autocast = torch.autocast(s.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    base_lrs = [g.get("lr_scale", 1.0) for g in s.optimizer.param_groups]
     if s.out_dir is not None and s.dist.is_main:
         s.out_dir.mkdir(parents=True, exist_ok=True)
-
+    if s.dist.is_main:
+        log.info(
+            "%s: %d steps, batch %d, lr %.3g (warm-up %d steps), weight decay %.3g%s, betas %s, clip %s",
+            recipe.name,
+            cfg.steps,
+            cfg.batch_size,
+            cfg.lr,
+            cfg.warmup_steps,
+            cfg.weight_decay,
+            f" -> {cfg.weight_decay_end:.3g}" if cfg.weight_decay_end is not None else "",
+            cfg.betas,
+            f"{cfg.grad_clip:g}{' per module' if cfg.clip_per_module else ''}" if cfg.grad_clip else "off",
+        )
+    runlog = RunLog(s.out_dir, s.dist.is_main, s.start, s.end, cfg.steps, cfg.progress, cfg.tensorboard)
     result = TrainResult()
     s.model.train()
     batches = iter(loader)
     t0, images_since = time.perf_counter(), 0
-    for step in range(s.start, s.end):
-        seed_step(cfg.seed, step, s.dist.rank)
-        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-        for group, scale in zip(s.optimizer.param_groups, base_lrs):
-            group["lr"] = lr * scale
-        outcome = _train_step(s, batches, step, autocast)
-        loss_value = float(mean_over_ranks(outcome.loss))
-        result.losses[step] = loss_value
-        images_since += cfg.batch_size
-        entry = {"step": step + 1, "loss": loss_value, "lr": lr, **outcome.extra}
-        if outcome.grad_norm is not None:
-            entry["grad_norm"] = outcome.grad_norm
-        result.logs.append(entry)
-        done = step + 1
-        if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
-            entry["images_per_s"] = images_since / max(time.perf_counter() - t0, 1e-9)
-            t0, images_since = time.perf_counter(), 0
-            _log_entry(s, entry)
-        if s.out_dir is not None and (done == s.end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-            states_file = _write_checkpoints(s, done)
-            result.states = states_file if s.dist.is_main and not cfg.fsdp else None
+    try:
+        for step in range(s.start, s.end):
+            seed_step(cfg.seed, step, s.dist.rank)
+            lr = _set_schedule(s, step)
+            entry = _train_step(s, batches, step, autocast)
+            result.losses[step] = entry["loss"]
+            images_since += cfg.batch_size
+            entry = {"step": step + 1, "loss": entry.pop("loss"), "lr": lr, **entry}
+            result.logs.append(entry)
+            done = step + 1
+            runlog.step()
+            rate = images_since / max(time.perf_counter() - t0, 1e-9)  # training only, not the evaluation
+            measured = {}
+            if done == s.end or (cfg.eval_every and done % cfg.eval_every == 0):
+                measured = _evaluate(s, knn, done)
+                entry.update(measured)
+            if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps) or measured:
+                entry["images_per_s"] = rate
+                t0, images_since = time.perf_counter(), 0
+                if s.dist.is_main:
+                    recipe.on_log(entry, step)
+                runlog.write(entry)
+            if s.out_dir is not None and (done == s.end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                states_file = _write_checkpoints(s, done)
+                result.states = states_file if s.dist.is_main and not cfg.fsdp else None
+    finally:
+        runlog.close()
     result.checkpoint = _write_final(s)
     barrier()
     return result
+
+
+def _knn_monitor(recipe: Recipe, cfg: TrainConfig) -> KnnMonitor | None:
+    if cfg.eval_knn is None:
+        return None
+    train, val = cfg.eval_knn
+    size = tuple(getattr(recipe.eval_encoder(), "size", (224, 224)))
+    return KnnMonitor(train, val, size, getattr(recipe, "rgb_stats", None))
+
+
+def _set_schedule(s: _Session, step: int) -> float:
+    """Every group's lr (warm-up + cosine, times its scale; 0 while frozen) and weight decay (cosine towards
+    ``weight_decay_end``) for ``step``; returns the base lr."""
+    cfg = s.cfg
+    lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+    wd = cfg.weight_decay
+    if cfg.weight_decay_end is not None:
+        wd = cosine_schedule(step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end)
+    for group in s.optimizer.param_groups:
+        frozen = step < group.get("frozen_until", 0)
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = wd * group.get("wd_scale", 1.0 if group["weight_decay"] else 0.0)
+    return lr
+
+
+def _evaluate(s: _Session, knn: KnnMonitor | None, done: int) -> dict[str, float]:
+    """The recipe's numbers and the k-NN (rank 0) on the weights as exported; ``<tag>_best.pt`` at a new best."""
+    weights = s.ema.applied_to(s.model) if s.ema is not None else nullcontext()
+    with weights:
+        out = dict(s.recipe.evaluate(s.device))
+        if knn is not None and s.dist.is_main:
+            out.update(knn(s.recipe.eval_encoder(), s.device))
+        key = s.recipe.best_metric
+        if key in out and s.out_dir is not None and out[key] > s.best:
+            s.best = out[key]
+            if s.dist.is_main:
+                write_checkpoint(s.recipe.export_checkpoint(), s.out_dir / f"{s.recipe.tag}_best.pt")
+                log.info("step %d: best %s %.4f, wrote %s_best.pt", done, key, out[key], s.recipe.tag)
+    s.model.train()
+    barrier()
+    return out
 
 
 def _start(recipe: Recipe, cfg: TrainConfig) -> _Session:
@@ -144,7 +207,7 @@ def _start(recipe: Recipe, cfg: TrainConfig) -> _Session:
         raise OrnisError("ema_decay is not supported with fsdp=True")
     recipe.setup(cfg, device)
     model = recipe.model
-    optimizer = torch.optim.AdamW(recipe.param_groups(cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(recipe.param_groups(cfg), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0)
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     start = resume(cfg, model, optimizer, recipe, ema)
     wrapped = wrap(model, cfg, device, recipe)
@@ -165,11 +228,15 @@ def _start(recipe: Recipe, cfg: TrainConfig) -> _Session:
     )
 
 
-def _train_step(s: _Session, batches: Iterator[Any], step: int, autocast: AbstractContextManager[Any]) -> _StepOutcome:
-    """One optimizer step over ``grad_accum`` micro-batches: forward, backward, clip, step, EMA, ``after_step``."""
+def _train_step(
+    s: _Session, batches: Iterator[Any], step: int, autocast: AbstractContextManager[Any]
+) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches: forward, backward, clip, step, EMA, ``after_step``.
+    Returns the step's loss (mean over ranks) and the recipe's numbers (mean over micro-batches), read back from
+    the device once."""
     cfg = s.cfg
     total = torch.zeros((), device=s.device)
-    extra: dict[str, float] = {}
+    extra: dict[str, Any] = {}
     for micro in range(cfg.grad_accum):
         batch = _to_device(next(batches), s.device)
         last = micro == cfg.grad_accum - 1
@@ -180,18 +247,22 @@ def _train_step(s: _Session, batches: Iterator[Any], step: int, autocast: Abstra
             (loss / cfg.grad_accum).backward()
         total += loss.detach().float() / cfg.grad_accum
         for k, v in logs.items():
-            extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
-    if not torch.isfinite(total):
-        raise OrnisError(f"step {step}: the loss is {total.item()} (not finite); lower the lr or check the data")
-    grad_norm = None
-    if cfg.grad_clip:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip))
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
+    numbers = {"loss": mean_over_ranks(total)}
+    # the norm is logged whether or not it is clipped (max_norm inf: measured, left alone)
+    numbers["grad_norm"] = clip_gradients(s.model, cfg.grad_clip or math.inf, bool(cfg.clip_per_module))
+    tensors = {k: v for k, v in {**numbers, **extra}.items() if isinstance(v, torch.Tensor)}
+    values = dict(zip(tensors, torch.stack([t.float().to(s.device) for t in tensors.values()]).cpu().tolist()))
+    out = {**{k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}, **values}
+    if not math.isfinite(out["loss"]):
+        raise OrnisError(f"step {step}: the loss is {out['loss']} (not finite); lower the lr or check the data")
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     if s.ema is not None:
         s.ema.update(s.model)
     s.recipe.after_step(step)
-    return _StepOutcome(total, extra, grad_norm)
+    return {"loss": out.pop("loss"), **out}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -203,23 +274,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         moved = [_to_device(v, device) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
-
-
-def _log_entry(s: _Session, entry: dict[str, float]) -> None:
-    """Rank 0 logs a step and appends it to ``log.jsonl``."""
-    if not s.dist.is_main:
-        return
-    log.info(
-        "step %d/%d loss %.4f lr %.3g %.1f img/s",
-        entry["step"],
-        s.cfg.steps,
-        entry["loss"],
-        entry["lr"],
-        entry["images_per_s"],
-    )
-    if s.out_dir is not None:
-        with open(s.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
 
 
 def _write_checkpoints(s: _Session, done: int) -> Path:

@@ -26,7 +26,7 @@ from torch import nn
 from ornis.models.base import Encoder
 from ornis.models.capabilities import MaskedTokenOmission, require
 from ornis.models.vit import EncoderBlock, ViTConfig
-from ornis.train.config import Recipe, TrainConfig, TrainResult
+from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source, train_transform
 from ornis.train.loop import run
 from ornis.train.start import start_encoder
@@ -206,10 +206,24 @@ class MaskedSample:
         return self.transform(image), random_unit_mask(1, self.num_units, self.mask_ratio, torch.device("cpu"))[0]
 
 
+# MAE / Hiera-MAE's optimisation: lr 1.5e-4 x B / 256, warm-up 5 % (40 of 800 epochs), weight decay 0.05, AdamW
+# betas (0.9, 0.95), no gradient clipping
+MIM_OPTIM = OptimDefaults(
+    base_lr=1.5e-4,
+    lr_scaling="linear",
+    reference_batch=256,
+    warmup_fraction=0.05,
+    weight_decay=0.05,
+    betas=(0.9, 0.95),
+    grad_clip=0.0,
+)
+
+
 class MIMRecipe(Recipe):
     """Batches are ``((images, unit_masks), labels)`` (``MaskedSample`` in a ``SampleDataset``); labels unused."""
 
     name = "mim"
+    optim_defaults = MIM_OPTIM
 
     def __init__(self, mae: MaskedAutoencoder, rgb_stats: dict[str, Any]) -> None:
         self.model = mae
@@ -242,9 +256,9 @@ class MIMOptions:
     model_config: dict[str, Any] | None = None
     mask_ratio: float | None = None  # default: the encoder's (0.75 for ViT, 0.6 for Hiera)
     mask_unit: int | None = None  # mask-unit side in cells (default 1; ViT: patches); Hiera: its own, leave unset
-    decoder_dim: int = 256
-    decoder_depth: int = 4
-    decoder_heads: int = 8
+    decoder_dim: int = 512  # MAE, Hiera-MAE and Birder: 512 wide, 8 blocks, 16 heads
+    decoder_depth: int = 8
+    decoder_heads: int = 16
     norm_pix: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
 

@@ -7,8 +7,9 @@ What a parameter is (a position embedding, a stem or block parameter) is declare
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,28 +53,75 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     return out, last
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters: one per (decay or not, layer), each with ``lr_scale``
-    (``layer_decay ** (last group - layer_id)``, 1 without layer decay) that the loop multiplies the lr by.
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    *,
+    declared_no_decay: bool = True,
+    tags: Callable[[str], GroupTag | None] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: one per (decay or not, layer, tag), each with ``lr_scale``
+    (``layer_decay ** (last group - layer_id)``, 1 without layer decay, times the tag's ``lr_scale``) that the loop
+    multiplies the lr by, ``wd_scale`` (0 or 1) that it multiplies the scheduled weight decay by, and
+    ``frozen_until`` (the tag's: the group's lr is 0 before that step).
 
-    No weight decay for biases, norm weights and layer-scale gammas (all 1-D) and for what the modules declare
-    (``declared_no_weight_decay``)."""
+    No weight decay for biases, norm weights and layer-scale gammas (all 1-D) and, with ``declared_no_decay``, for
+    what the modules declare (``declared_no_weight_decay``; DINOv2 decays them, MAE does not). ``tags(name)`` puts
+    a parameter in a group of its own (DINOv2's patch-embedding lr x 0.2, its frozen prototype layer)."""
     ids, num_layers = layer_ids(model) if layer_decay is not None else ({}, 0)
-    no_decay = declared_no_weight_decay(model)
-    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    no_decay = declared_no_weight_decay(model) if declared_no_decay else set()
+    groups: dict[tuple[bool, int, str], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name in no_decay
         layer = ids.get(name, 0)
-        key = (skip, layer)
+        tag = tags(name) if tags is not None else None
+        key = (skip, layer, tag.name if tag is not None else "")
         if key not in groups:
             scale = layer_decay ** (num_layers - layer) if layer_decay is not None else 1.0
-            groups[key] = {"params": [], "weight_decay": 0.0 if skip else weight_decay, "lr_scale": scale, "names": []}
+            groups[key] = {
+                "params": [],
+                "weight_decay": 0.0 if skip else weight_decay,
+                "wd_scale": 0.0 if skip else 1.0,
+                "lr_scale": scale * (tag.lr_scale if tag is not None else 1.0),
+                "frozen_until": tag.frozen_until if tag is not None else 0,
+                "names": [],
+            }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     # "names" stays in the group: the optimizer's state_dict keeps it as plain data, useful when reading one
     return [groups[k] for k in sorted(groups)]
+
+
+@dataclass(frozen=True)
+class GroupTag:
+    """Parameters that need a group of their own: an lr multiplier, and a number of steps with lr 0."""
+
+    name: str
+    lr_scale: float = 1.0
+    frozen_until: int = 0  # the group's lr is 0 for the steps before this one (its optimizer state still moves)
+
+
+def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half a cosine from ``start`` at step 0 to ``end`` at the last step (DINOv2's weight-decay schedule)."""
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(model: nn.Module, max_norm: float, per_module: bool) -> torch.Tensor:
+    """Clip the gradients' norm to ``max_norm``: over all of ``model``, or (``per_module``) over each top-level
+    module and the model's own parameters apart, as DINOv2 clips its backbone and heads. Returns the norm of all
+    gradients before clipping (a tensor: reading it is left to the caller)."""
+    if not per_module:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    parts = [list(child.parameters()) for child in model.children()]
+    parts.append(list(model.parameters(recurse=False)))
+    norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm) for ps in parts if any(p.grad is not None for p in ps)]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:

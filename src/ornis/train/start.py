@@ -40,7 +40,10 @@ def start_encoder(
     if (weights is None) == (arch is None):
         raise ValueError("give exactly one of weights (start from a checkpoint) or arch (train from scratch)")
     if weights is None:
-        net = build_model(str(arch), num_classes=num_classes, size=size, config=model_config)
+        try:
+            net = build_model(str(arch), num_classes=num_classes, size=size, config=model_config)
+        except TypeError as e:  # a field of the wrong kind, e.g. {"num_layers": "x"}
+            raise ValueError(f"model_config {model_config}: a value of the wrong type for {arch} ({e})") from None
         classes = class_to_idx if class_to_idx is not None else {str(i): i for i in range(num_classes)}
         return StartedEncoder(net, dict(DEFAULT_RGB_STATS), dict(classes))
     net, info = load_pretrained_model(weights)

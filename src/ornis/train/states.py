@@ -71,6 +71,7 @@ def save_states(
         "recipe": recipe.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "config": json.loads(json.dumps(cfg_dict, default=str)),
+        "run": {"recipe": recipe.name, "tag": recipe.tag},  # what resuming checks first
         "rng": _rng_states(),
     }
     with atomic_path(path) as tmp:
@@ -83,6 +84,30 @@ def load_states(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file's name
         raise CheckpointFormatError(path, f"cannot be read as a training states file ({first_line(e, 200)})") from None
+
+
+def _check_same_run(path: Path, states: dict[str, Any], recipe: Recipe, model: nn.Module) -> None:
+    """``OrnisError`` in one line when the states file is another recipe's or another architecture's."""
+    run = states.get("run", {})
+    if run.get("recipe", recipe.name) != recipe.name or run.get("tag", recipe.tag) != recipe.tag:
+        raise OrnisError(
+            f"resume: {path} is a {run.get('recipe')} run of {run.get('tag')}, this is a {recipe.name} run of "
+            f"{recipe.tag}; resume with the same recipe and architecture, or start a new --output"
+        )
+    saved = states.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointFormatError(path, "holds no model state: not a training states file")
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(saved))
+    unexpected = sorted(set(saved) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(saved) if tuple(ours[k].shape) != tuple(saved[k].shape))
+    if missing or unexpected or shapes:
+        first = (missing or unexpected or shapes)[0]
+        raise OrnisError(
+            f"resume: {path} was written by another model ({len(missing)} tensors missing, {len(unexpected)} "
+            f"unexpected, {len(shapes)} of another shape, e.g. {first!r}); resume with the same architecture and "
+            "settings, or start a new --output"
+        )
 
 
 def resume(
@@ -104,6 +129,7 @@ def resume(
     else:
         path = Path(cfg.resume)
     states = load_states(path)
+    _check_same_run(path, states, recipe, model)
     saved = states.get("config", {})
     for key in RESUME_MUST_MATCH:
         if key in saved and saved[key] != getattr(cfg, key):
@@ -112,7 +138,10 @@ def resume(
                 "resume needs the same value"
             )
     model.load_state_dict(states["model"])
-    optimizer.load_state_dict(states["optimizer"])
+    try:
+        optimizer.load_state_dict(states["optimizer"])
+    except ValueError as e:
+        raise OrnisError(f"resume: {path}: its optimizer state does not fit this run ({first_line(e, 200)})") from None
     recipe.load_state_dict(states["recipe"])
     if ema is not None and states.get("ema") is not None:
         ema.load_state_dict(states["ema"])

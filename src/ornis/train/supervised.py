@@ -13,13 +13,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ornis.models.base import Encoder
 from ornis.train.config import Recipe, TrainConfig, TrainResult
 from ornis.train.data import MixupCutmix, SampleDataset, eval_transform, open_source, train_transform
+from ornis.train.evaluation import check_labelled
 from ornis.train.loop import run
 from ornis.train.start import start_encoder
+from ornis.utils.distributed import all_reduce_sum, rank, world_size
 from ornis.utils.fs import atomic_write_json
 from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
@@ -30,6 +32,7 @@ class ClassifyRecipe(Recipe):
     """Cross-entropy on the encoder's logits, with mixup / cutmix and label smoothing (soft targets)."""
 
     name = "classify"
+    best_metric = "val_top1"
 
     def __init__(
         self,
@@ -46,6 +49,22 @@ class ClassifyRecipe(Recipe):
         self.class_to_idx = dict(class_to_idx)
         self.rgb_stats = rgb_stats
         self.mix = MixupCutmix(len(class_to_idx), mixup_alpha, cutmix_alpha, label_smoothing)
+        self.val: SampleDataset | None = None  # validated every eval_every steps and at the end when set
+        self.val_batch_size = 64
+        self.bf16 = False
+
+    def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        """The model to ``device``; validation in bf16 when training is."""
+        super().setup(cfg, device)
+        self.bf16 = cfg.bf16
+
+    def evaluate(self, device: torch.device) -> dict[str, float]:
+        """Top-1 / top-5 on the validation set (``val_top1``, ``val_top5``), each process scoring its share."""
+        if self.val is None:
+            return {}
+        metrics = evaluate_topk(self.model, self.val, self.val_batch_size, device, bf16=self.bf16, sharded=True)
+        log.info("validation: top-1 %.4f top-5 %.4f", metrics["top1"], metrics["top5"])
+        return {f"val_{k}": v for k, v in metrics.items()}
 
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Soft-target cross-entropy under mixup / cutmix / label smoothing, else plain cross-entropy."""
@@ -74,15 +93,18 @@ def evaluate_topk(
     device: str | torch.device = "cpu",
     ks: Sequence[int] = (1, 5),
     bf16: bool = False,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Top-k accuracy (in [0, 1]) of ``net`` over ``dataset`` (plain-index ``SampleDataset``); k above the number
-    of classes counts as the number of classes."""
+    of classes counts as the number of classes. ``sharded``: each process of a distributed run scores every
+    world-size-th image and the counts are summed over processes."""
     was_training = net.training
     net.eval()
     device = torch.device(device)
     correct = {k: 0 for k in ks}
     total = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    part = Subset(dataset, range(rank(), len(dataset), world_size())) if sharded else dataset
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -92,7 +114,11 @@ def evaluate_topk(
             correct[k] += int((top[:, :k] == labels[:, None]).any(dim=1).sum())
         total += labels.shape[0]
     net.train(was_training)
-    return {f"top{k}": correct[k] / max(total, 1) for k in ks}
+    counts = torch.tensor([total, *(correct[k] for k in ks)], dtype=torch.float64, device=device)
+    if sharded:
+        all_reduce_sum(counts)
+    total, *hits = counts.tolist()
+    return {f"top{k}": h / max(total, 1) for k, h in zip(ks, hits)}
 
 
 @dataclass
@@ -123,22 +149,29 @@ def build_classifier(opts: ClassifyOptions, class_to_idx: dict[str, int]) -> tup
 
 def train_classifier(opts: ClassifyOptions, cfg: TrainConfig) -> tuple[TrainResult, dict[str, float] | None]:
     """Fine-tune (``opts.weights``) or train from scratch (``opts.arch``); returns the run's result and the
-    top-1 / top-5 on ``opts.val`` of the final model (None without a validation set)."""
+    top-1 / top-5 on ``opts.val`` at the last step (on the EMA weights when an EMA is kept; None without a
+    validation set). Both sets are checked before the first step: at least two classes, no empty class folder, the
+    validation classes among the training ones. With ``cfg.eval_every``, validation also runs every that many steps
+    and ``<tag>_best.pt`` keeps the best top-1."""
     train_source = open_source(opts.train, labelled=True)
+    check_labelled(train_source, f"training data {opts.train}")
     class_to_idx = train_source.class_to_idx
+    val_source = None
+    if opts.val is not None:
+        val_source = open_source(opts.val, labelled=True, class_to_idx=class_to_idx)
+        check_labelled(val_source, f"--val {opts.val}", class_to_idx)
     torch.manual_seed(cfg.seed)  # the new head / a from-scratch model start the same on every rank and every run
     net, rgb_stats, size = build_classifier(opts, class_to_idx)
     transform = train_transform(size, rgb_stats, scale=opts.crop_scale, auto_augment=opts.auto_augment)
     recipe = ClassifyRecipe(net, class_to_idx, rgb_stats, opts.mixup_alpha, opts.cutmix_alpha, opts.label_smoothing)
+    if val_source is not None:
+        recipe.val = SampleDataset(val_source, eval_transform(size, rgb_stats))
+        recipe.val_batch_size = opts.val_batch_size
     result = run(recipe, SampleDataset(train_source, transform), cfg)
     metrics = None
-    if opts.val is not None:
-        val_source = open_source(opts.val, labelled=True, class_to_idx=class_to_idx)
-        device = next(net.parameters()).device
-        metrics = evaluate_topk(
-            net, SampleDataset(val_source, eval_transform(size, rgb_stats)), opts.val_batch_size, device, bf16=cfg.bf16
-        )
-        log.info("validation: top-1 %.4f top-5 %.4f", metrics["top1"], metrics["top5"])
-        if cfg.output_dir is not None:
+    last = result.logs[-1] if result.logs else {}
+    if "val_top1" in last:
+        metrics = {"top1": last["val_top1"], "top5": last["val_top5"]}
+        if cfg.output_dir is not None and rank() == 0:
             atomic_write_json(Path(cfg.output_dir) / "val_metrics.json", metrics, indent=None)
     return result, metrics

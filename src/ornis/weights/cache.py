@@ -14,6 +14,7 @@ manifest's hash list loads only from an explicit local path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,39 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["ORNIS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ornis"
+
+
+def _cache_setting(override: str | os.PathLike | None) -> str:
+    """How the user chose the cache folder, for an error message to name."""
+    if override:
+        return f"the cache folder {Path(override).expanduser()} (--cache / cache_dir=)"
+    if os.environ.get("ORNIS_CACHE"):
+        return f"ORNIS_CACHE={os.environ['ORNIS_CACHE']}"
+    return f"the default cache folder {cache_dir()} (set ORNIS_CACHE to choose another)"
+
+
+def require_cache(override: str | os.PathLike | None = None, *, writable: bool = True) -> Path:
+    """The cache root; ``WeightsNotFoundError`` in one line naming the setting (``ORNIS_CACHE``, ``--cache``) and
+    the path when a file stands where the cache folder should be, or (``writable``: a download is coming, whose
+    ``weights`` and lock folders are made here) when this process cannot write it."""
+    root = cache_dir(override)
+    in_the_way = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    why = f"{in_the_way} is a file, not a folder" if in_the_way is not None else None
+    if why is None and writable:
+        folders = (root / "weights", download.lock_path(root / "weights" / "x").parent)
+        try:
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+            unwritable = [f for f in folders if not os.access(f, os.W_OK | os.X_OK)]
+            why = f"{unwritable[0]} is not writable" if unwritable else None
+        except OSError as e:
+            why = f"{e.filename or root} cannot be made ({e.strerror or e})"
+    if why is not None:
+        raise WeightsNotFoundError(
+            f"{_cache_setting(override)}: the weights cache cannot be used: {why}; "
+            "point ORNIS_CACHE (or --cache) at a writable folder"
+        )
+    return root
 
 
 def weights_path(
@@ -87,14 +121,16 @@ def check_cached(
     found = sha256_file(path)
     if found != expected:
         if write:
-            download.marker_path(path).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache keeps its stale marker; it no longer matches
+                download.marker_path(path).unlink(missing_ok=True)
         raise ChecksumError(
             f"{path}: sha256 {found}, expected {expected} for {weights.name} ({file_format}); the cached file is not "
             f"the published one. Delete it (or run `ornis models download {weights.name} --force`), or load the "
             "file by its path if it is your own"
         )
     if write:
-        download.write_marker(path, expected)
+        with contextlib.suppress(OSError):  # a read-only (shared) cache still loads: it is re-hashed next time
+            download.write_marker(path, expected)
 
 
 def resolve_weights(
@@ -119,6 +155,7 @@ def resolve_weights(
     if path.is_file():
         check_cached(path, weights, file_format)
         return path
+    require_cache(cache, writable=False)
     if offline is None:
         offline = env_flag("ORNIS_OFFLINE")
     url = weights.url(file_format, base_url_for(weights, base_url))
@@ -127,6 +164,8 @@ def resolve_weights(
             f"{name}: {path} is not in the cache and offline mode is on (ORNIS_OFFLINE); download {url} "
             f"(about {expected.size_mb:.1f} MB, sha256 {expected.sha256}) and put it at {path}"
         )
+    download.check_url(url)
+    require_cache(cache)
     return download.fetch(url, path, expected, progress=progress)
 
 
@@ -144,6 +183,7 @@ def download_weights(
     weights = get_weights(name)
     path = weights_path(weights, file_format, cache)
     if force:
+        require_cache(cache)
         with file_lock(download.lock_path(path)):
             path.unlink(missing_ok=True)
             download.marker_path(path).unlink(missing_ok=True)

@@ -11,10 +11,12 @@ Nothing here ever unpickles arbitrary objects: ``.pt`` files load with ``torch.l
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,17 @@ def make_signature(size: tuple[int, int], num_outputs: int, channels: int = 3) -
     }
 
 
+def require_regular_file(path: Path) -> None:
+    """``CheckpointFormatError`` naming ``path`` unless it is a regular file: missing, a folder, or a special file
+    (a FIFO or a device, which a read would block on or never finish)."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise CheckpointFormatError(path, "no such file")
+    what = "a folder" if path.is_dir() else "not a regular file (a pipe, socket or device)"
+    raise CheckpointFormatError(path, f"{what}; expected a checkpoint file")
+
+
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
@@ -92,8 +105,7 @@ def _sniff(path: Path) -> str:
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint in the published format, safely. Raises CheckpointFormatError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointFormatError(path, "no such file")
+    require_regular_file(path)
     if path.stat().st_size == 0:
         raise CheckpointFormatError(path, "the file is empty (0 bytes); expected a .pt or .safetensors checkpoint")
     kind = _sniff(path)
@@ -105,17 +117,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     if kind == "zip" and not zipfile.is_zipfile(path):
         raise CheckpointFormatError(path, "the zip archive is truncated or corrupt (a partial download?)")
-    try:
-        # mmap: a 1 GB checkpoint is paged in as it is used instead of read whole first
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=kind == "zip")
-    except pickle.UnpicklingError as e:
-        raise CheckpointFormatError(
-            path, f"refused to unpickle: the file holds objects other than tensors and plain data ({first_line(e)})"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointFormatError(
-            path, f"cannot be read as a checkpoint, truncated or corrupt ({first_line(e)})"
-        ) from None
+    # mmap: a 1 GB checkpoint is paged in as it is used instead of read whole first
+    obj = load_torch_file(path, map_location, mmap=kind == "zip")
     if not isinstance(obj, dict):
         raise CheckpointFormatError(
             path, f"expected a dict with keys {', '.join(REQUIRED_KEYS)}, found a {type(obj).__name__}"
@@ -138,6 +141,46 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         network=obj.get("network"),
         extra={k: v for k, v in obj.items() if k not in known},
     )
+
+
+def load_torch_file(path: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, with every way a file can fail to be one turned into a
+    ``CheckpointFormatError`` naming it: an object other than tensors and plain data is refused, and junk (a text
+    file, a truncated or foreign archive) is reported as such, whatever the unpickler raised on the way."""
+    require_regular_file(path)
+    if _sniff(path) not in ("zip", "pickle"):
+        raise CheckpointFormatError(
+            path, "not a torch.save file (neither a zip archive nor a pickle); truncated, or another kind of file?"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Junk behind a pickle header often "detects" another protocol; the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(e)
+        if "global" in str(e).lower() or "class" in reason.lower():  # a callable or class it will not import
+            raise CheckpointFormatError(
+                path, f"refused to unpickle: the file holds objects other than tensors and plain data ({reason})"
+            ) from None
+        raise CheckpointFormatError(path, f"cannot be read as a checkpoint, truncated or corrupt ({reason})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # junk meets the unpickler anywhere: KeyError, IndexError, UnicodeDecodeError...
+        raise CheckpointFormatError(
+            path, f"cannot be read as a checkpoint, truncated or corrupt ({type(e).__name__}: {first_line(e)})"
+        ) from None
+
+
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler objected to, without its paragraphs of advice (which suggest
+    ``weights_only=False``, the one thing ornis never does)."""
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    for line in str(e).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.startswith(advice):
+            return line.split(". Please")[0].strip()[:300]
+    return first_line(e)
 
 
 def _read_safetensors(path: Path, map_location: str | torch.device) -> Checkpoint:
@@ -179,9 +222,21 @@ def _json_config(text: str) -> dict[str, Any]:
     return {k: tuples(v) for k, v in json.loads(text).items()}
 
 
-def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
-    """Write ``ckpt`` in the published format (by suffix: ``.safetensors`` or ``.pt``), atomically."""
+def check_destination(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; ``IsADirectoryError`` naming it when it is a folder (the file to write goes there,
+    not into it), raised before any work, not by the final rename."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR, "a folder; expected the name of the .pt or .safetensors file to write", str(path)
+        )
+    return path
+
+
+def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write ``ckpt`` in the published format (by suffix: ``.safetensors`` or ``.pt``), atomically, with the mode
+    the umask allows (0644 under umask 022)."""
+    path = check_destination(path)
     with atomic_path(path) as tmp:
         if path.suffix in SAFETENSORS_SUFFIXES:
             meta = {
@@ -273,6 +328,7 @@ def save_model(
     """Save an ornis encoder in the published format (by suffix: ``.pt`` or ``.safetensors``), ready for
     ``ornis.load_pretrained_model(path)``: the file records the model's config overrides, so whatever is saved
     loads back as the same architecture."""
+    check_destination(path)
     ckpt = checkpoint_from_model(net, class_to_idx=class_to_idx, rgb_stats=rgb_stats, config=config)
     return write_checkpoint(ckpt, path)
 

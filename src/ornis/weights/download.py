@@ -12,12 +12,15 @@ huggingface_hub keeps its own, so that folder holds only weights and their verif
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
 import os
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,12 @@ TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for the whole
 RETRIES = 5  # transient failures in a row before giving up; progress made resets the count
 BACKOFF_S = 1.0  # first wait between retries, doubled each time
 MAX_BACKOFF_S = 30.0
+# A server that refuses the connection, or a host name that does not resolve, is not coming back in a few seconds:
+# one quick second try (a server restarting), then the error, instead of RETRIES backed-off waits (~36 s)
+UNREACHABLE_RETRIES = 1
+UNREACHABLE_WAIT_S = 0.5
+URL_SCHEMES = ("http", "https")
+_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH}
 USER_AGENT = "ornis-weights-downloader"
 
 # Server answers worth retrying: rate limiting and the server's own trouble. Anything else (404, 403...) is final.
@@ -46,6 +55,33 @@ class _TransientError(Exception):
 
 class _FinalError(Exception):
     """A failure that retrying will not fix (404, 403...)."""
+
+
+class _UnreachableError(Exception):
+    """Nobody answers at that address (connection refused, unknown host, no route): worth one quick retry only."""
+
+
+def check_url(url: str) -> None:
+    """``WeightsNotFoundError`` at once, before any connection, unless ``url`` is a URL a download can use (http or
+    https, with a host, a numeric port, no spaces): a malformed mirror is a typo, not a network failure to retry."""
+    why = None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _port = parts.port  # ValueError for a port that is not a number in range
+    except ValueError as e:
+        why = str(e)
+    else:
+        if parts.scheme not in URL_SCHEMES:
+            found = f"{parts.scheme!r}" if parts.scheme else "none"
+            why = f"the scheme is {found}, expected one of {', '.join(URL_SCHEMES)}"
+        elif not parts.hostname:
+            why = "it names no host"
+        elif any(c.isspace() or ord(c) < 32 for c in url):
+            why = "it contains spaces or control characters"
+    if why is not None:
+        raise WeightsNotFoundError(
+            f"{url!r} is not a valid download URL ({why}); check --base-url / base_url= / ORNIS_BASE_URL"
+        )
 
 
 def part_path(dst: Path) -> Path:
@@ -124,6 +160,7 @@ def fetch(
     stderr is a terminal).
     """
     dst = Path(dst)
+    check_url(url)
     dst.parent.mkdir(parents=True, exist_ok=True)
     job = _Transfer(
         url,
@@ -176,7 +213,7 @@ class _Digest:
 
 def _download(job: _Transfer) -> str:
     """Bring the part file to the complete file, resuming what is there; returns its sha256."""
-    failures = 0
+    failures = unreachable = 0
     while True:
         hasher = _Digest()
         offset = 0
@@ -191,6 +228,11 @@ def _download(job: _Transfer) -> str:
             return hasher.hexdigest() if received is not None else sha256_file(job.part)
         except _FinalError as e:
             raise WeightsNotFoundError(_unavailable(job, str(e))) from None
+        except _UnreachableError as e:
+            unreachable += 1
+            if unreachable > UNREACHABLE_RETRIES:
+                raise WeightsNotFoundError(_unavailable(job, f"{e}; gave up after {unreachable} attempts")) from None
+            time.sleep(min(job.backoff, UNREACHABLE_WAIT_S))
         except _TransientError as e:
             progressed = job.part.is_file() and job.part.stat().st_size > offset
             failures = 0 if progressed else failures + 1
@@ -220,7 +262,11 @@ def _transfer(job: _Transfer, offset: int, hasher: _Digest) -> int | None:
         raise _FinalError(f"HTTP {e.code} {e.reason}") from None
     except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
+        if _is_unreachable(reason):
+            raise _UnreachableError(f"cannot connect ({reason})") from None
         raise _TransientError(f"cannot connect ({reason})") from None
+    except ValueError as e:  # http.client.InvalidURL and the like: what check_url could not see
+        raise _FinalError(f"invalid URL ({e})") from None
 
     with response:
         status = response.status
@@ -264,6 +310,13 @@ def _receive(
             hasher.update(block)
             received += len(block)
             bar.update(len(block))
+
+
+def _is_unreachable(reason: object) -> bool:
+    """Whether a connection failure means nobody is there (refused, unknown host, no route), not a slow network."""
+    if isinstance(reason, ConnectionRefusedError | socket.gaierror):
+        return True
+    return isinstance(reason, OSError) and reason.errno in _UNREACHABLE_ERRNOS
 
 
 def _content_range_start(value: str | None) -> int | None:

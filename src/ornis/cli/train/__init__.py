@@ -31,9 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     recipes = parser.add_subparsers(dest="recipe", metavar="RECIPE")
     for name, module in RECIPES.items():
-        p = recipes.add_parser(name, help=module.HELP, description=module.HELP)
+        p = recipes.add_parser(
+            name, help=module.HELP, description=module.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.add_arguments(p)
-        add_loop_arguments(p)
+        add_loop_arguments(p, module.OPTIM)
         p.set_defaults(func=_closing_the_group(module.run))
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 

@@ -6,9 +6,12 @@ import argparse
 
 from ornis.cli.common import default_of
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
-from ornis.train.supervised import ClassifyOptions, train_classifier
+from ornis.train.supervised import ClassifyOptions, ClassifyRecipe, train_classifier
 
 HELP = "supervised classification: fine-tune a checkpoint on new classes or train from scratch"
+
+OPTIM = ClassifyRecipe.optim_defaults
+DESCRIPTION = HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

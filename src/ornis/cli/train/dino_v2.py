@@ -3,29 +3,51 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ornis.cli.common import default_of
+from ornis.cli.common import default_of, fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
+from ornis.train.dino_v2.recipe import DINO_V2_OPTIM
 
 HELP = "DINOv2 self-distillation on any images (no labels): ViT, FlexiViT, HieraDet; from scratch or a checkpoint"
+OPTIM = DINO_V2_OPTIM
+DESCRIPTION = f"""{HELP}.
 
-# DinoV2Config fields with an option of the same name (--teacher-temp -> teacher_temp)
-METHOD_OPTIONS = (
-    "centering",
-    "sinkhorn_queue_size",
-    "teacher_temp",
-    "warmup_teacher_temp",
-    "warmup_teacher_temp_steps",
-    "momentum_teacher",
-    "dino_weight",
-    "ibot_weight",
-    "koleo_weight",
-    "mask_probability",
-    "freeze_last_layer_steps",
-)
+Defaults are DINOv2's published recipe scaled to the run: teacher temperature 0.04 -> 0.07 over the first 30% of
+the steps, the prototype layer frozen (lr 0) for the first epoch, lr {OPTIM.base_lr:g} x sqrt(B/{OPTIM.reference_batch})
+with a {OPTIM.warmup_fraction:.0%} warm-up, weight decay {OPTIM.weight_decay:g} -> {OPTIM.weight_decay_end:g} (cosine),
+clipping at {OPTIM.grad_clip:g} per module, patch embedding at lr x 0.2, layer decay 0.9 when continuing from
+--weights.
+
+Small batches: softmax centring (the default) works at any batch. Sinkhorn-Knopp caps every target probability
+near N/K (N teacher rows balanced together, K = --out-dim prototypes), so it is accepted only when
+2 x --batch-size + --sinkhorn-queue-size x processes >= --out-dim."""
+
+# DinoV2Config fields with an option of the same name (--teacher-temp -> teacher_temp), and their argparse types
+METHOD_OPTIONS: dict[str, Any] = {
+    "centering": str,
+    "sinkhorn_queue_size": non_negative_int,
+    "teacher_temp": positive_float,
+    "warmup_teacher_temp": positive_float,
+    "warmup_teacher_temp_steps": non_negative_int,
+    "momentum_teacher": fraction,
+    "dino_weight": non_negative_float,
+    "ibot_weight": non_negative_float,
+    "koleo_weight": non_negative_float,
+    "mask_probability": non_negative_float,
+    "freeze_last_layer_steps": non_negative_int,
+    "patch_embed_lr_scale": non_negative_float,
+    "continue_layer_decay": positive_float,
+    "collapse_warn_steps": non_negative_int,
+}
 METHOD_HELP = {
-    "sinkhorn_queue_size": "earlier teacher outputs (rows per process) joining Sinkhorn-Knopp; helps small batches"
+    "centering": "softmax (any batch) or sinkhorn_knopp (needs 2 x batch + queue x processes >= --out-dim)",
+    "sinkhorn_queue_size": "earlier teacher outputs (rows per process) joining Sinkhorn-Knopp",
+    "warmup_teacher_temp_steps": "default: 30%% of the steps",
+    "freeze_last_layer_steps": "steps with the prototype layer at lr 0 (default: one epoch)",
+    "continue_layer_decay": "layer-wise lr decay when continuing from --weights (--layer-decay wins)",
+    "collapse_warn_steps": "warn when the DINO loss is still ~ln K after these steps (default: temperature warm-up)",
 }
 
 
@@ -39,27 +61,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         size=False,
     )
     g = p.add_argument_group("DINOv2")
+    crops = {"global_size": "global crop size", "local_size": "local crop size", "local_crops": "local crops per image"}
+    for name, text in crops.items():
+        kind = non_negative_int if name == "local_crops" else positive_int
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default_of(MultiCropConfig, name), help=text)
     g.add_argument(
-        "--global-size", type=int, default=default_of(MultiCropConfig, "global_size"), help="global crop size"
+        "--out-dim", type=positive_int, default=default_of(HeadConfig, "out_dim"), help="prototypes of the heads"
     )
-    g.add_argument("--local-size", type=int, default=default_of(MultiCropConfig, "local_size"), help="local crop size")
-    g.add_argument(
-        "--local-crops", type=int, default=default_of(MultiCropConfig, "local_crops"), help="local crops per image"
-    )
-    g.add_argument(
-        "--out-dim", type=int, default=default_of(HeadConfig, "out_dim"), help="prototypes of the DINO / iBOT head"
-    )
-    g.add_argument("--head-hidden-dim", type=int, default=default_of(HeadConfig, "hidden_dim"))
-    g.add_argument("--head-bottleneck-dim", type=int, default=default_of(HeadConfig, "bottleneck_dim"))
-    g.add_argument("--head-layers", type=int, default=default_of(HeadConfig, "num_layers"))
+    g.add_argument("--head-hidden-dim", type=positive_int, default=default_of(HeadConfig, "hidden_dim"))
+    g.add_argument("--head-bottleneck-dim", type=positive_int, default=default_of(HeadConfig, "bottleneck_dim"))
+    g.add_argument("--head-layers", type=positive_int, default=default_of(HeadConfig, "num_layers"))
     g.add_argument("--separate-ibot-head", action="store_true", help="score patches with their own head")
-    for name in METHOD_OPTIONS:
+    for name, kind in METHOD_OPTIONS.items():
         default = default_of(DinoV2Config, name)
-        kind = {"centering": str}.get(name, type(default))
         choices = ["sinkhorn_knopp", "softmax"] if name == "centering" else None
-        flag = "--" + name.replace("_", "-")
-        g.add_argument(flag, type=kind, default=default, choices=choices, help=METHOD_HELP.get(name))
-    g.add_argument("--patch-sizes", type=int, nargs="+", help="FlexiViT: patch sizes to draw from per step")
+        text = METHOD_HELP.get(name, "")
+        if default is not None:
+            text = f"{text} (default: {default})".strip()
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, choices=choices, help=text or None)
+    g.add_argument("--patch-sizes", type=positive_int, nargs="+", help="FlexiViT: patch sizes to draw from per step")
 
 
 def options_from_args(args: argparse.Namespace) -> DinoV2Options:

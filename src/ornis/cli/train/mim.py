@@ -6,9 +6,12 @@ import argparse
 
 from ornis.cli.common import default_of
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
-from ornis.train.mim import MIMOptions, train_mim
+from ornis.train.mim import MIM_OPTIM, MIMOptions, train_mim
 
 HELP = "MAE-style masked image modelling on any images (no labels needed)"
+
+OPTIM = MIM_OPTIM
+DESCRIPTION = HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

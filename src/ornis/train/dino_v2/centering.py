@@ -117,3 +117,39 @@ def teacher_temperature(step: int, warmup_steps: int, warmup_temp: float = 0.04,
     if step >= warmup_steps or warmup_steps <= 0:
         return temp
     return warmup_temp + (temp - warmup_temp) * step / warmup_steps
+
+
+def check_centering(centering: str, prototypes: int, teacher_rows: int, queue_size: int, processes: int) -> None:
+    """``ValueError`` when Sinkhorn-Knopp cannot give sharp targets: it caps a row's largest probability near
+    N / K, so the rows balanced together (the global batch's ``teacher_rows`` plus every process's queue) must
+    reach the ``prototypes``. Softmax centring has no such limit."""
+    if centering not in ("softmax", "sinkhorn_knopp"):
+        raise ValueError(f"centering must be 'softmax' or 'sinkhorn_knopp', got {centering!r}")
+    rows = teacher_rows + queue_size * processes
+    if centering == "sinkhorn_knopp" and rows < prototypes:
+        need = -(-(prototypes - teacher_rows) // processes)
+        raise ValueError(
+            f"sinkhorn_knopp balances {rows} teacher rows over {prototypes} prototypes, which caps every target "
+            f"near {rows}/{prototypes} and leaves the DINO loss at ln K; use centering='softmax' (--centering "
+            f"softmax), a queue of at least {need} rows per process (--sinkhorn-queue-size), or fewer prototypes"
+        )
+
+
+@torch.no_grad()
+def collapse_diagnostics(
+    student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The numbers that tell a learning run from a collapsing one, as 0-d tensors (no host sync): the teacher
+    targets' mean entropy (ln K: uniform, 0: one-hot) and mean largest probability, and the share of rows where the
+    student's top prototype for one global view is the teacher's for the other (cross-view agreement)."""
+    probs = torch.cat(teacher_probs).float()
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1).mean()
+    largest = probs.amax(dim=-1).mean()
+    agree = [
+        (s.argmax(dim=-1) == t.argmax(dim=-1)).float().mean()
+        for i, s in enumerate(student_logits)
+        for j, t in enumerate(teacher_probs)
+        if i != j
+    ]
+    agreement = torch.stack(agree).mean() if agree else probs.new_zeros(())
+    return {"target_entropy": entropy, "target_max": largest, "agreement": agreement}

@@ -56,9 +56,27 @@ class SelfDistillationNet(nn.Module):
         # stays the published architecture's
         self.mask_token = nn.Parameter(torch.zeros(backbone.stem_width))
 
-    def no_weight_decay(self) -> set[str]:
-        """The mask token."""
-        return {"mask_token"}
+    @property
+    def num_layer_groups(self) -> int:
+        """The backbone's layer groups (layer-wise lr decay)."""
+        return self.backbone.num_layer_groups
+
+    def layer_id(self, param_name: str) -> int:
+        """The backbone's groups for its parameters; the mask token is part of the stem (group 0, as in DINOv2),
+        the heads come after the last block."""
+        if param_name.startswith("backbone."):
+            return self.backbone.layer_id(param_name[len("backbone.") :])
+        return 0 if param_name == "mask_token" else self.num_layer_groups - 1
+
+    def patch_embedding_parameters(self) -> set[str]:
+        """Names of the stem's convolution weights (the patch embedding), which DINOv2 trains at lr x 0.2."""
+        stem = set(self.backbone.stem_names)
+        return {
+            f"backbone.{prefix}.{n}"
+            for prefix, m in self.backbone.named_modules()
+            if isinstance(m, nn.Conv2d) and prefix.split(".", 1)[0] in stem
+            for n, _ in m.named_parameters()
+        }
 
     def forward(
         self,
@@ -67,7 +85,6 @@ class SelfDistillationNet(nn.Module):
         masks: torch.Tensor,
         patch_size: int | None = None,
         mask_input: bool = True,
-        freeze_last_layer: bool = False,
     ) -> ViewOutputs:
         """``masks`` (G*B, h*w) bool picks the patches iBOT scores; ``mask_input`` also hides them from the backbone
         (the student) instead of only selecting them afterwards (the teacher)."""
@@ -84,7 +101,7 @@ class SelfDistillationNet(nn.Module):
         rows = [global_embedding] + ([local_embedding] if local_embedding is not None else [])
         if self.ibot_head is None:
             rows.append(masked_patches)
-        logits = self.dino_head(torch.cat(rows), freeze_last_layer=freeze_last_layer)
+        logits = self.dino_head(torch.cat(rows))
         sizes = [r.shape[0] for r in rows]
         parts = list(torch.split(logits, sizes))
         global_logits = parts.pop(0)
@@ -92,7 +109,7 @@ class SelfDistillationNet(nn.Module):
         if self.ibot_head is None:
             patch_logits = parts.pop(0)
         else:
-            patch_logits = self.ibot_head(masked_patches, freeze_last_layer=freeze_last_layer)
+            patch_logits = self.ibot_head(masked_patches)
         return ViewOutputs(global_embedding, global_logits, local_logits, patch_logits)
 
 

@@ -2,11 +2,15 @@
 ``train_dino_v2``.
 
 Each step: two global and N local crops per image; the teacher (EMA of the student) scores the unmasked global
-crops, its class-token and masked-patch scores become targets by Sinkhorn-Knopp (or softmax centring) at the
-teacher temperature; the student sees masked global crops and the local crops and is trained on
-``dino_weight * DINO + ibot_weight * iBOT + koleo_weight * KoLeo``. Backbones with a range of patch sizes
-(FlexiViT) draw one per step. Any backbone with ``MaskedTokenRetention`` trains (ViT, FlexiViT, HieraDet).
-The exported checkpoint is the teacher's backbone in the published format, as DINOv2 releases are.
+crops, its class-token and masked-patch scores become targets by softmax centring (or Sinkhorn-Knopp, given
+enough rows) at the teacher temperature; the student sees masked global crops and the local crops and is trained
+on ``dino_weight * DINO + ibot_weight * iBOT + koleo_weight * KoLeo``. The defaults are DINOv2's early-training
+stabilisers scaled to the run (``DinoV2Config``, ``DINO_V2_OPTIM``): teacher-temperature warm-up over 30 % of the
+steps, prototypes frozen for the first epoch (lr 0 for their group), lr warm-up, weight-decay cosine, clipping
+per module. Each step logs the collapse diagnostics (target entropy and largest probability, cross-view
+agreement, teacher momentum); a DINO loss still at ln K after the warm-up is warned about once. Backbones with
+a range of patch sizes (FlexiViT) draw one per step. Any backbone with ``MaskedTokenRetention`` trains (ViT,
+FlexiViT, HieraDet). The exported checkpoint is the teacher's backbone in the published format, as DINOv2 releases are.
 
 Everything random is a function of the run seed and the step or sample (crops: the sample's seed, masks: a seed
 drawn with the crops, patch size: the step), so a resumed run and a run split over processes repeat the numbers.
@@ -14,7 +18,9 @@ drawn with the crops, patch size: the step), so a resumed run and a run split ov
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -26,14 +32,23 @@ from torch import nn
 from ornis.errors import OrnisError
 from ornis.models.base import Encoder
 from ornis.models.capabilities import MaskedTokenRetention, require
-from ornis.train.config import Recipe, TrainConfig, TrainResult
+from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source
-from ornis.train.dino_v2.centering import LogitQueue, SoftmaxCentering, sinkhorn_knopp, teacher_temperature
+from ornis.train.dino_v2.centering import (
+    LogitQueue,
+    SoftmaxCentering,
+    check_centering,
+    collapse_diagnostics,
+    sinkhorn_knopp,
+    teacher_temperature,
+)
 from ornis.train.dino_v2.losses import dino_loss, ibot_loss, koleo_loss
 from ornis.train.dino_v2.meta_arch import HeadConfig, SelfDistillationNet, ema_update, make_teacher, teacher_momentum
 from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform, collate_views, mask_rng, sample_masks
 from ornis.train.loop import run
+from ornis.train.optim import GroupTag, param_groups
 from ornis.train.start import start_encoder
+from ornis.utils.distributed import world_size
 from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
 log = logging.getLogger("ornis.train")
@@ -43,14 +58,22 @@ GLOBAL_VIEWS = 2
 
 @dataclass(frozen=True)
 class DinoV2Config:
-    """The method's settings (DINOv2's defaults; the loop's are in ``TrainConfig``)."""
+    """The method's settings: DINOv2's published recipe, scaled to the run (the loop's are in ``TrainConfig``;
+    its optimisation defaults for this recipe are ``DINO_V2_OPTIM``).
+
+    Centring: softmax centring (DINO / DINOv2's default config, Birder's) works at any batch. Sinkhorn-Knopp caps
+    every target probability near N / K (N teacher rows balanced together, K prototypes), which at small batches
+    overrides the teacher's sharpening and leaves the DINO loss at ln K; it is accepted only when the global batch's
+    teacher rows plus the queue reach the prototypes: ``2 x batch_size + sinkhorn_queue_size x processes >= out_dim``.
+    """
 
     heads: HeadConfig = field(default_factory=HeadConfig)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 0
-    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    warmup_teacher_temp_steps: int | None = None  # None: warmup_teacher_temp_fraction of the steps
+    warmup_teacher_temp_fraction: float = 0.3  # DINOv2: 30 of 100 epochs
+    centering: Literal["sinkhorn_knopp", "softmax"] = "softmax"
     sinkhorn_iterations: int = 3
     sinkhorn_queue_size: int = 0  # rows of earlier teacher outputs joining Sinkhorn-Knopp (small batches); 0: none
     center_momentum: float = 0.9  # softmax centring's EMA
@@ -61,14 +84,33 @@ class DinoV2Config:
     mask_probability: float = 0.5  # share of global views that get an iBOT mask
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # of the patch grid, drawn per masked view
     momentum_teacher: float = 0.992  # rises to 1 along half a cosine over the run
-    freeze_last_layer_steps: int = 0  # the prototypes get no gradient for the first steps
+    freeze_last_layer_steps: int | None = None  # prototypes at lr 0 for these first steps; None: one epoch
+    patch_embed_lr_scale: float = 0.2  # DINOv2's lr multiplier of the patch embedding
+    continue_layer_decay: float = 0.9  # layer-wise lr decay when continuing from a checkpoint (TrainConfig's wins)
+    collapse_warn_steps: int | None = None  # warn when the DINO loss is still ~ln K after these; None: temp warm-up
     patch_sizes: tuple[int, ...] | None = None  # FlexiViT: the sizes to draw from (default: all that fit the crops)
+
+
+# DINOv2's optimisation: lr 4e-3 x sqrt(B / 1024), 10 % warm-up (10 of 100 epochs), weight decay cosine 0.04 -> 0.4,
+# clip 3.0 per module (backbone and heads apart), AdamW (0.9, 0.999)
+DINO_V2_OPTIM = OptimDefaults(
+    base_lr=4e-3,
+    lr_scaling="sqrt",
+    reference_batch=1024,
+    warmup_fraction=0.1,
+    weight_decay=0.04,
+    weight_decay_end=0.4,
+    betas=(0.9, 0.999),
+    grad_clip=3.0,
+    clip_per_module=True,
+)
 
 
 class DinoV2Recipe(Recipe):
     """Student (``model``, trained) and EMA teacher (recipe state) over one backbone."""
 
     name = "dino-v2"
+    optim_defaults = DINO_V2_OPTIM
 
     def __init__(
         self,
@@ -99,7 +141,14 @@ class DinoV2Recipe(Recipe):
             nn.ModuleDict({"dino": LogitQueue(size, out_dim), "ibot": LogitQueue(size, out_dim)}) if size else None
         )
         self.patch_sizes = self._patch_sizes(backbone)
+        size = (self.crops.global_size, self.crops.global_size)
+        self.mask_grids = {p or 0: backbone.retention_grid(size, p) for p in (self.patch_sizes or [None])}
         self.total_steps = 1
+        self.freeze_steps = 0
+        self.temp_warmup_steps = 0
+        self.collapse_after = 0
+        self.world = 1
+        self.collapse_warned = False
 
     @property
     def encoder(self) -> nn.Module:
@@ -128,20 +177,41 @@ class DinoV2Recipe(Recipe):
 
     # -- the loop's hooks -------------------------------------------------------------------------------------
     def setup(self, cfg: TrainConfig, device: torch.device) -> None:
-        """Student, teacher, centres and queues to ``device``; the run's length for the teacher momentum."""
+        """Student, teacher, centres and queues to ``device``; the schedules scaled to the run's length."""
         if cfg.fsdp:
             # the EMA would have to run shard by shard against an equally sharded teacher; not written yet
             raise OrnisError("dino-v2 runs with DDP only; fsdp=True is not supported for this recipe")
+        c = self.config
+        self.world = world_size()
+        check_centering(c.centering, c.heads.out_dim, cfg.batch_size * GLOBAL_VIEWS, c.sinkhorn_queue_size, self.world)
         for module in (self.model, self.teacher, self.centering, self.queues):
             if module is not None:
                 module.to(device)
         self.total_steps = cfg.steps
+        self.freeze_steps = self.steps_per_epoch if c.freeze_last_layer_steps is None else c.freeze_last_layer_steps
+        self.temp_warmup_steps = _or(c.warmup_teacher_temp_steps, int(c.warmup_teacher_temp_fraction * cfg.steps))
+        self.collapse_after = _or(c.collapse_warn_steps, max(self.temp_warmup_steps, 1))
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+        """DINOv2's groups: weight decay on every matrix (position embeddings too; not biases and norms), the patch
+        embedding at ``patch_embed_lr_scale``, the prototype layers at lr 0 for the first ``freeze_steps``."""
+        patch = self.model.patch_embedding_parameters()
+        last = GroupTag("last_layer", frozen_until=self.freeze_steps)
+        stem = GroupTag("patch_embed", lr_scale=self.config.patch_embed_lr_scale)
+
+        def tag(name: str) -> GroupTag | None:
+            return last if ".last_layer." in name else stem if name in patch else None
+
+        return param_groups(self.model, cfg.weight_decay, cfg.layer_decay, declared_no_decay=False, tags=tag)
 
     def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
-        """Views stacked view-major, plus each sample's mask seed."""
+        """Views stacked view-major, and the iBOT masks of every patch size the step may draw (``masks_<p>``, 0 for
+        a fixed stem), built here in the loader's workers rather than in the loss."""
         views = [s[0] for s in samples]
         batch = collate_views(views)
-        batch["mask_seeds"] = torch.tensor([v["mask_seed"] for v in views], dtype=torch.long)
+        seeds = [v["mask_seed"] for v in views]
+        for p, grid in self.mask_grids.items():
+            batch[f"masks_{p}"] = self.masks(seeds, grid)
         return batch
 
     def masks(self, mask_seeds: list[int], grid: tuple[int, int]) -> torch.Tensor:
@@ -165,43 +235,62 @@ class DinoV2Recipe(Recipe):
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """DINO + iBOT + KoLeo of one micro-batch (module docstring)."""
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """DINO + iBOT + KoLeo of one micro-batch (module docstring), and the collapse diagnostics."""
         cfg = self.config
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         patch_size = self.patch_size_at(step)
-        grid = self.model.backbone.retention_grid(global_crops.shape[-2:], patch_size)
-        masks = self.masks(batch["mask_seeds"].tolist(), grid).to(global_crops.device)
+        masks = batch[f"masks_{patch_size or 0}"]
         num_masked = masks.sum(dim=1, keepdim=True).clamp_min(1)
         patch_weights = (1.0 / num_masked).expand_as(masks)[masks]
-        temp = teacher_temperature(step, cfg.warmup_teacher_temp_steps, cfg.warmup_teacher_temp, cfg.teacher_temp)
+        temp = teacher_temperature(step, self.temp_warmup_steps, cfg.warmup_teacher_temp, cfg.teacher_temp)
 
         with torch.no_grad():
             teacher = self.teacher(global_crops, None, masks, patch_size, mask_input=False)
             dino_targets = self._targets("dino", teacher.global_logits, temp)
             ibot_targets = self._targets("ibot", teacher.masked_patch_logits, temp)
 
-        freeze = step < cfg.freeze_last_layer_steps
-        student = model(global_crops, local_crops, masks, patch_size, True, freeze)
+        student = model(global_crops, local_crops, masks, patch_size, True)
         student_views = list(student.global_logits.chunk(GLOBAL_VIEWS))
         if student.local_logits is not None:
             student_views += list(student.local_logits.chunk(self.crops.local_crops))
-        loss_dino = dino_loss(student_views, list(dino_targets.chunk(GLOBAL_VIEWS)), cfg.student_temp)
+        teacher_views = list(dino_targets.chunk(GLOBAL_VIEWS))
+        loss_dino = dino_loss(student_views, teacher_views, cfg.student_temp)
         loss_ibot = ibot_loss(
             student.masked_patch_logits, ibot_targets, patch_weights, masks.shape[0], cfg.student_temp
         )
         loss_koleo = sum(koleo_loss(e, cfg.koleo_eps) for e in student.global_embedding.chunk(GLOBAL_VIEWS))
         loss = cfg.dino_weight * loss_dino + cfg.ibot_weight * loss_ibot + cfg.koleo_weight * loss_koleo
-        logs = {
-            "dino": float(loss_dino.detach()),
-            "ibot": float(loss_ibot.detach()),
-            "koleo": float(loss_koleo.detach()),
+        logs: dict[str, float | torch.Tensor] = {
+            "dino": loss_dino.detach(),
+            "ibot": loss_ibot.detach(),
+            "koleo": loss_koleo.detach(),
             "teacher_temp": temp,
-            "masked_patches": float(masks.sum()),
+            "teacher_momentum": teacher_momentum(step, self.total_steps, cfg.momentum_teacher),
+            "masked_patches": masks.sum().float(),
+            **collapse_diagnostics(student_views[:GLOBAL_VIEWS], teacher_views),
         }
         if patch_size is not None:
             logs["patch_size"] = float(patch_size)
         return loss, logs
+
+    def on_log(self, entry: dict[str, float], step: int) -> None:
+        """Warn once when the DINO loss is still within 1 % of ln K (uniform targets: no signal) past
+        ``collapse_after`` steps."""
+        if self.collapse_warned or step + 1 < self.collapse_after or "dino" not in entry:
+            return
+        ln_k = math.log(self.config.heads.out_dim)
+        if abs(entry["dino"] - ln_k) <= 0.01 * ln_k:
+            self.collapse_warned = True
+            log.warning(
+                "step %d: the DINO loss %.4f is still within 1%% of ln K = %.4f (target entropy %.3f): the targets "
+                "are near uniform and the DINO term carries no signal; try softmax centring, a lower teacher "
+                "temperature or fewer prototypes (--out-dim)",
+                step + 1,
+                entry["dino"],
+                ln_k,
+                entry.get("target_entropy", float("nan")),
+            )
 
     def after_step(self, step: int) -> None:
         """The teacher follows the student."""
@@ -215,6 +304,7 @@ class DinoV2Recipe(Recipe):
         }
         if self.queues is not None:
             state["queues"] = _cpu(self.queues.state_dict())
+            state["queue_processes"] = self.world
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -222,11 +312,27 @@ class DinoV2Recipe(Recipe):
         self.teacher.load_state_dict(state["teacher"])
         self.centering.load_state_dict(state["centering"])
         if self.queues is not None:
+            saved = int(state.get("queue_processes", 1)) if "queues" in state else 0
+            if saved != 1 or self.world != 1:
+                # the states file holds one process's queue: loading it into every rank would not be exact
+                raise OrnisError(
+                    f"dino-v2 resume: the Sinkhorn-Knopp queue of a {saved or 'queue-less'}-process run cannot be "
+                    f"restored into a {self.world}-process one (only the first process's queue is saved); resume "
+                    "multi-process runs with --centering softmax or --sinkhorn-queue-size 0"
+                )
             self.queues.load_state_dict(state["queues"])
+
+    def eval_encoder(self) -> nn.Module:
+        """The teacher's backbone: what is exported."""
+        return self.teacher.backbone
 
     def export_checkpoint(self) -> Checkpoint:
         """The teacher's backbone, as DINOv2 releases are."""
         return checkpoint_from_model(self.teacher.backbone, class_to_idx={}, rgb_stats=self.rgb_stats)
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -266,6 +372,8 @@ def build_backbone(opts: DinoV2Options) -> tuple[Encoder, dict[str, Any]]:
 
 def train_dino_v2(opts: DinoV2Options, cfg: TrainConfig) -> TrainResult:
     """Pretrain (or continue pretraining) a backbone with DINOv2 on an unlabelled image collection."""
+    if opts.weights is not None and cfg.layer_decay is None and opts.method.continue_layer_decay < 1:
+        cfg = dataclasses.replace(cfg, layer_decay=opts.method.continue_layer_decay)
     torch.manual_seed(cfg.seed)  # the heads' initialisation, the same on every rank
     backbone, rgb_stats = build_backbone(opts)
     recipe = DinoV2Recipe(backbone, opts.method, opts.crops, rgb_stats, seed=cfg.seed)

@@ -5,7 +5,8 @@ writing the result as a checked checkpoint."""
 from __future__ import annotations
 
 import os
-import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ornis.errors import CheckpointFormatError, first_line
+from ornis.errors import CheckpointFormatError, OrnisError, first_line
 from ornis.models import registry
 from ornis.models.base import Encoder
-from ornis.weights.checkpoint import Checkpoint, config_changes, load_state, make_signature, write_checkpoint
+from ornis.weights.checkpoint import (
+    Checkpoint,
+    config_changes,
+    load_state,
+    load_torch_file,
+    make_signature,
+    require_regular_file,
+    write_checkpoint,
+)
 
 IMAGENET_RGB_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -25,21 +34,28 @@ def read_tensors(path: str | os.PathLike) -> Any:
     """The object in a ``.pt`` / ``.pth`` / ``.bin`` file (loaded with ``weights_only=True``) or the tensors of a
     ``.safetensors`` file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointFormatError(path, "no such file")
+    require_regular_file(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointFormatError(path, f"cannot be read as safetensors ({e})") from None
+            raise CheckpointFormatError(path, f"cannot be read as safetensors ({first_line(e)})") from None
+    return load_torch_file(path)
+
+
+@contextmanager
+def foreign_layout(path: Path, what: str) -> Iterator[None]:
+    """Inside the block, a source that is not the ``what`` the converter expects (a key it needs is absent, a
+    value is not a tensor, a shape has too few dimensions) is a ``CheckpointFormatError`` naming ``path``, not
+    whatever Python raised while mapping it; ornis's own errors pass through as they are."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        yield
+    except OrnisError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointFormatError(
-            path, f"refused to unpickle: it holds objects other than tensors ({first_line(e)})"
+            path, f"not a {what} this converter can read ({type(e).__name__}: {first_line(e)})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointFormatError(path, f"cannot be read, truncated or corrupt ({e})") from None
 
 
 def config_overrides(network: str, wanted: dict[str, Any]) -> dict[str, Any]:

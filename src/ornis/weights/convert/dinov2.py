@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from ornis.errors import CheckpointFormatError
-from ornis.weights.convert.common import IMAGENET_RGB_STATS, config_overrides, read_tensors, write_converted
+from ornis.weights.checkpoint import check_destination
+from ornis.weights.convert.common import (
+    IMAGENET_RGB_STATS,
+    config_overrides,
+    foreign_layout,
+    read_tensors,
+    write_converted,
+)
 
 HEAD_DIM = 64  # every DINOv2 release (S/B/L/g) uses 64-channel heads; the hub state dict does not record heads
 SIZE_NAMES = {384: "s", 768: "b", 1024: "l"}
@@ -48,12 +55,18 @@ def convert_dinov2(
     ``config.json`` says it.
     """
     src = Path(src)
-    hub_state, facts = read_dinov2(src)
-    if num_heads is not None:
-        facts["num_heads"] = num_heads
-    if layer_norm_eps is not None:
-        facts["norm_eps"] = layer_norm_eps
-    state, network, size, overrides = hub_to_ornis(hub_state, facts, path=src)
+    check_destination(dst)
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ValueError(f"num_heads must be a positive integer, found {num_heads!r}")
+    if not src.exists():
+        raise CheckpointFormatError(src, "no such file or folder")
+    with foreign_layout(src, "DINOv2 checkpoint"):
+        hub_state, facts = read_dinov2(src)
+        if num_heads is not None:
+            facts["num_heads"] = num_heads
+        if layer_norm_eps is not None:
+            facts["norm_eps"] = layer_norm_eps
+        state, network, size, overrides = hub_to_ornis(hub_state, facts, path=src)
     return write_converted(
         state, dst, network=network, size=size, rgb_stats=IMAGENET_RGB_STATS, config=overrides, source=src
     )

@@ -22,7 +22,15 @@ import torch
 
 from ornis.errors import CheckpointFormatError
 from ornis.models import registry
-from ornis.weights.convert.common import IMAGENET_RGB_STATS, config_overrides, read_tensors, write_converted
+from ornis.models.hierarchical import TOTAL_STRIDE
+from ornis.weights.checkpoint import check_destination
+from ornis.weights.convert.common import (
+    IMAGENET_RGB_STATS,
+    config_overrides,
+    foreign_layout,
+    read_tensors,
+    write_converted,
+)
 
 TRUNK_PREFIX = "image_encoder.trunk."
 SAM2_SIZE = 1024  # SAM 2 runs its image encoder at 1024 x 1024
@@ -42,15 +50,21 @@ def convert_sam2(
     ``size`` is the input size recorded in the file (SAM 2's 1024; HieraDet runs at any multiple of 32).
     """
     src = Path(src)
+    check_destination(dst)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % TOTAL_STRIDE:
+        raise ValueError(f"size must be a positive multiple of {TOTAL_STRIDE} (HieraDet's stride), found {size!r}")
+    if network is not None:
+        registry.get_model_spec(network)  # a misspelt name fails before the source is read
     obj = read_tensors(src)
     model = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(model, dict):
         raise CheckpointFormatError(src, "expected a SAM 2 checkpoint: a dict with a 'model' state dict")
-    trunk = trunk_state(model, path=src)
-    state, depths = trunk_to_ornis(trunk, path=src)
-    embed_dim = trunk["patch_embed.proj.weight"].shape[0]
-    global_pos_size = tuple(trunk["pos_embed"].shape[-2:])
-    first_window = trunk["pos_embed_window"].shape[-1]
+    with foreign_layout(src, "SAM 2 checkpoint"):
+        trunk = trunk_state(model, path=src)
+        state, depths = trunk_to_ornis(trunk, path=src)
+        embed_dim = trunk["patch_embed.proj.weight"].shape[0]
+        global_pos_size = tuple(trunk["pos_embed"].shape[-2:])
+        first_window = trunk["pos_embed_window"].shape[-1]
     if network is None:
         network = match_variant(depths, embed_dim, path=src)
     spec = registry.get_model_spec(network)
