@@ -25,6 +25,7 @@ from torch import nn
 from ornis.errors import CheckpointFormatError, OrnisError, StateDictMismatchError, UnknownModelError
 from ornis.models import registry
 from ornis.models.base import Encoder
+from ornis.models.precision import check_precision, prepare_for_inference
 from ornis.weights.cache import resolve_weights
 from ornis.weights.checkpoint import Checkpoint, LoadReport, load_state, read_checkpoint
 from ornis.weights.manifest import DEFAULT_FILE_FORMAT, MANIFEST, PretrainedWeights
@@ -258,6 +259,8 @@ def load_pretrained_model(
     offline: bool | None = None,
     base_url: str | None = None,
     progress_bar: bool | None = None,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> tuple[Encoder | nn.Module, ModelInfo]:
     """Load published weights by name (fetched into the cache if missing) or a local checkpoint file.
 
@@ -281,6 +284,11 @@ def load_pretrained_model(
     dst, cache_dir, offline, base_url, progress_bar
         Where the file is, or goes (``dst`` a file, ``cache_dir`` the cache folder), no network, a mirror, a
         download progress bar (default: on when stderr is a terminal).
+    precision, compile
+        The inference fast path (``ornis.models.precision``): ``"fp32"``, ``"bf16"`` (autocast) or ``"int8"``
+        (dynamic quantisation of the linear layers, CPU), optionally ``torch.compile``-d. Gives an
+        ``InferenceModel`` with the same methods and float32 outputs; its accuracy against fp32 is
+        ``ornis.models.precision.PRECISION_ACCURACY``.
     """
     check_model_name(weights)
     if dst is not None:
@@ -304,10 +312,15 @@ def load_pretrained_model(
         ckpt, network=network or source.network, path=path, config=custom_config, strict=strict
     )
     _prepare(net, new_size=new_size, device=device, dtype=dtype, inference=inference)
+    if precision is not None:
+        check_precision(precision)
     custom = dict(ckpt.config) if ckpt.config else None
     if report.missing or report.unexpected:
         custom = {**(custom or {}), "load_report": report._asdict()}
-    return net, ModelInfo(ckpt.class_to_idx, ckpt.signature, ckpt.rgb_stats, custom, net.name, path)
+    info = ModelInfo(ckpt.class_to_idx, ckpt.signature, ckpt.rgb_stats, custom, net.name, path)
+    if (precision is not None and precision != "fp32") or compile:
+        return prepare_for_inference(net, precision or "fp32", compile=compile, inplace=True), info
+    return net, info
 
 
 def _prepare(

@@ -10,6 +10,7 @@ from ornis.data.decode import DecodeOptions
 from ornis.inference.batch import PRECISIONS, BatchJob, make_job, run_batch
 from ornis.inference.batch.job import check_device_name
 from ornis.inference.ray_runner import run_with_ray
+from ornis.models.precision import PRECISION_ACCURACY
 
 PRECISION_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -83,9 +84,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=(*PRECISIONS, *PRECISION_ALIASES),
         default=default_of(BatchJob, "precision"),
-        help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16, fp16",
+        help="auto (bf16 autocast on GPU, float32 on CPU), float32, bf16 ("
+        + PRECISION_ACCURACY["bf16"]
+        + "), fp16, int8 (CPU: linear layers quantised; "
+        + PRECISION_ACCURACY["int8"]
+        + ")",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU, or CPU with bf16/int8)")
     p.add_argument(
         "--decode-on-device", action="store_true", help="decode and resize JPEGs on the GPU (nvJPEG) in batches"
     )

@@ -16,7 +16,7 @@ from ornis.errors import OrnisError
 from ornis.inference.batch.layout import ERRORS
 
 TASKS = ("embed", "classify")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 _DECODE_OPTIONS = ("exif_transpose", "composite_alpha", "max_pixels", "max_bytes")
 
 

@@ -15,6 +15,7 @@ from ornis.inference.batch.job import BatchJob
 from ornis.inference.batch.records import Batch, Outputs
 from ornis.inference.preprocess import describe_preprocessing, normalize_on_device, split_transform
 from ornis.loading import ModelInfo
+from ornis.models.precision import prepare_for_inference
 from ornis.weights.checkpoint import get_size_from_signature
 
 
@@ -46,7 +47,10 @@ class ModelRunner:
         self.precision = job.precision
         if self.precision == "auto":
             self.precision = "bfloat16" if device.type == "cuda" else "float32"
-        self.autocast = self.precision != "float32"
+        if self.precision == "int8" or (self.precision == "bfloat16" and device.type == "cpu"):
+            # the CPU fast path: int8 linear layers, or bf16 weights under autocast (ornis.models.precision)
+            net = self.net = prepare_for_inference(net, "int8" if self.precision == "int8" else "bf16", inplace=True)
+        self.autocast = self.precision not in ("float32", "int8")
         self.channels_last = device.type == "cuda" if job.channels_last is None else job.channels_last
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
@@ -76,7 +80,7 @@ class ModelRunner:
             # Pad the short last batch of a shard to the usual size so the compiled graph is reused
             x = torch.cat([x, x[-1:].expand(self.max_batch - n, *x.shape[1:])])
         self.max_batch = max(self.max_batch, n)
-        dtype = getattr(torch, self.precision)
+        dtype = torch.bfloat16 if self.precision == "int8" else getattr(torch, self.precision)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast):
             res = self.step(x)
             outputs: dict[str, torch.Tensor] = {}
