@@ -281,7 +281,7 @@ def test_dino_head_shapes_and_upstream_init() -> None:
     assert float(out.detach().abs().max()) <= 1.0 + 1e-5  # unit bottleneck against unit-norm prototypes (g = 1)
     rows = head.last_layer.weight_v.detach().norm(dim=1)
     assert float(rows.mean()) == pytest.approx(0.577, abs=0.01)  # trunc_normal(0.02) gave 0.32
-    assert float(head.last_layer.weight_v.abs().max()) <= 1 / 16
+    assert float(head.last_layer.weight_v.detach().abs().max()) <= 1 / 16
     assert torch.all(head.last_layer.weight_g == 1)
     for m in head.mlp:
         if isinstance(m, torch.nn.Linear):

@@ -87,6 +87,7 @@ class TrainConfig:
     num_workers: int | None = None
     fsdp: bool = False
     compile: bool = False  # torch.compile the trainable module
+    grad_checkpointing: bool = False  # recompute the encoders' blocks in the backward pass (memory for compute)
     eval_knn: tuple[str | os.PathLike, str | os.PathLike] | None = None  # labelled (train, val) folders for k-NN
     eval_every: int = 0  # steps between evaluations (k-NN, a recipe's validation); 0: at the end only
     progress: bool | None = None  # a progress line with ETA on stderr; None: when stderr is a terminal

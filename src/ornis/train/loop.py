@@ -51,9 +51,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ornis.errors import OrnisError
+from ornis.models.base import Encoder
 from ornis.train.config import Recipe, TrainConfig, TrainResult
 from ornis.train.evaluation import KnnMonitor
-from ornis.train.monitor import RunLog
+from ornis.train.monitor import RunLog, best_logged
 from ornis.train.optim import ModelEMA, clip_gradients, cosine_lr, cosine_schedule
 from ornis.train.sampling import StepBatches, seed_step
 from ornis.train.states import resume, save_states, states_path
@@ -207,6 +208,10 @@ def _start(recipe: Recipe, cfg: TrainConfig) -> _Session:
         raise OrnisError("ema_decay is not supported with fsdp=True")
     recipe.setup(cfg, device)
     model = recipe.model
+    if cfg.grad_checkpointing:
+        for module in model.modules():
+            if isinstance(module, Encoder):
+                module.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(recipe.param_groups(cfg), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0)
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     start = resume(cfg, model, optimizer, recipe, ema)
@@ -225,6 +230,9 @@ def _start(recipe: Recipe, cfg: TrainConfig) -> _Session:
         out_dir=Path(cfg.output_dir) if cfg.output_dir is not None else None,
         start=start,
         end=end,
+        best=best_logged(Path(cfg.output_dir) / "log.jsonl", recipe.best_metric, start)
+        if start and cfg.output_dir
+        else -math.inf,
     )
 
 

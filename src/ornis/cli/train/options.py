@@ -67,6 +67,9 @@ def add_loop_arguments(p: argparse.ArgumentParser, defaults: OptimDefaults | Non
     _add(g, "--workers", "num_workers", non_negative_int, "data loader worker processes")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (large ViTs, CUDA only)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)"
+    )
     e = p.add_argument_group("monitoring")
     e.add_argument(
         "--eval-knn",
@@ -132,6 +135,7 @@ def loop_config(args: argparse.Namespace) -> TrainConfig:
         num_workers=args.workers,
         fsdp=args.fsdp,
         compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
         eval_knn=tuple(args.eval_knn) if args.eval_knn else None,
         eval_every=args.eval_every,
         progress=args.progress,
