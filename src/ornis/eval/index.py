@@ -25,6 +25,7 @@ import torch
 from ornis.data.transforms import classification_transform
 from ornis.errors import EmbeddingsFormatError, OrnisError, first_line
 from ornis.eval.labels import EmbeddingTable, check_finite
+from ornis.eval.metrics import check_positive_int
 from ornis.inference.classification import open_rgb
 from ornis.loading import load_pretrained_model
 from ornis.utils.fs import atomic_path, atomic_write_json
@@ -100,7 +101,7 @@ class EmbeddingIndex:
 
     def search(self, queries: np.ndarray, k: int = 10, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and row ids of each query's ``k`` nearest rows, (Q, k) each, most similar first."""
-        _check_count("k", k)
+        check_positive_int("k", k)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise EmbeddingsFormatError(f"queries have {queries.shape[-1]} dimensions, the index has {self.dim}")
@@ -228,7 +229,7 @@ def build_index(
     """
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-    _check_count("recall_sample", recall_sample)
+    check_positive_int("recall_sample", recall_sample)
     raw = np.asarray(embeddings, dtype=np.float32)
     if raw.ndim != 2 or raw.shape[0] == 0:
         raise EmbeddingsFormatError(f"expected a non-empty (N, D) array of embeddings, found shape {raw.shape}")
@@ -321,7 +322,7 @@ def near_duplicates(index: EmbeddingIndex, threshold: float = 0.95, neighbours: 
     """
     if not -1.0 <= threshold <= 1.0:  # also refuses NaN
         raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
-    _check_count("neighbours", neighbours)
+    check_positive_int("neighbours", neighbours)
     found: dict[tuple[int, int], float] = {}
     chunk = 4096
     for start in range(0, len(index), chunk):
@@ -334,12 +335,6 @@ def near_duplicates(index: EmbeddingIndex, threshold: float = 0.95, neighbours: 
                 found[(min(r, j), max(r, j))] = max(s, found.get((min(r, j), max(r, j)), -1.0))
     pairs = [DuplicatePair(a, b, s) for (a, b), s in found.items()]
     return sorted(pairs, key=lambda p: (-p.similarity, p.a, p.b))
-
-
-def _check_count(name: str, value: int) -> None:
-    """``ValueError`` naming the argument unless ``value`` is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def embed_images(paths: list[str], model: str, batch_size: int = 32) -> np.ndarray:

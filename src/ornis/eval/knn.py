@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ornis.errors import EmbeddingsFormatError
 from ornis.eval.labels import EmbeddingTable, check_classes, check_finite
-from ornis.eval.metrics import ClassificationReport, classification_report, dropped_details
+from ornis.eval.metrics import ClassificationReport, check_positive_int, classification_report, dropped_details
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -18,8 +18,7 @@ DEFAULT_TEMPERATURE = 0.07
 def check_knn_arguments(k: int, temperature: float) -> None:
     """``ValueError`` naming the argument unless ``k`` is a positive integer and ``temperature`` a positive number
     (``inf``: every neighbour's vote weighs the same)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_positive_int("k", k)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not temperature > 0:  # also refuses NaN

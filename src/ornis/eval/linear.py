@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from ornis.errors import EmbeddingsFormatError, OrnisError
 from ornis.eval.labels import EmbeddingTable, check_classes, check_finite, stratified_split
-from ornis.eval.metrics import ClassificationReport, classification_report, dropped_details, top_classes
+from ornis.eval.metrics import (
+    ClassificationReport,
+    check_positive_int,
+    classification_report,
+    dropped_details,
+    top_classes,
+)
 
 DEFAULT_LRS = (1e-3, 1e-2)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3)
@@ -170,5 +176,4 @@ def check_probe_arguments(lrs: Sequence[float], weight_decays: Sequence[float], 
         raise ValueError(f"weight_decays must be one or more numbers >= 0, got {list(weight_decays)}")
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    check_positive_int("epochs", epochs)

@@ -83,3 +83,9 @@ def classification_report(
         hits = int(((pred == i) & (labels == i)).sum())
         per_class[str(name)] = (support, hits / predicted if predicted else 0.0, hits / support if support else 0.0)
     return ClassificationReport(top1, top5, n, per_class, dict(details or {}))
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """``ValueError`` naming the argument unless ``value`` is a positive integer (Python or NumPy, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (0o644 under umask 022)."""
     # os.umask can only be read by setting it; set it straight back
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 @contextmanager
@@ -42,7 +43,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None, fsync: bo
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # a writer that re-created the file may have set its own mode
+        os.chmod(tmp, file_mode())  # a writer that re-created the file may have set its own mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

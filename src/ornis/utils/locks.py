@@ -10,6 +10,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ornis.utils.fs import file_mode
+
 
 @contextmanager
 def file_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
@@ -17,11 +19,5 @@ def file_lock(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
     ask for the same path wait. ``timeout`` seconds (default: wait forever) before ``filelock.Timeout``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path), timeout=timeout, mode=0o666 & ~_umask()):
+    with FileLock(str(path), timeout=timeout, mode=file_mode()):
         yield
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
