@@ -62,7 +62,7 @@ from ornis.inference.batch.records import Batch, FailedSample, Outputs, Row, Sam
 from ornis.inference.batch.run import classify, embed, run_batch
 from ornis.inference.batch.runner import ModelRunner
 from ornis.inference.batch.sampler import ClaimingBatchSampler
-from ornis.inference.batch.worker import BatchProgress, run_worker
+from ornis.inference.batch.worker import BatchProgress, BatchWorker, run_worker
 from ornis.inference.batch.writer import ShardWriter
 from ornis.inference.preprocess import split_transform
 from ornis.utils.distributed import default_num_workers
@@ -78,6 +78,7 @@ __all__ = [
     "BatchJob",
     "BatchProgress",
     "BatchSummary",
+    "BatchWorker",
     "ClaimingBatchSampler",
     "FailedSample",
     "Manifest",

@@ -39,31 +39,48 @@ def run_worker(
     exactly those shards (no claiming): the idempotent shard function. ``model`` is the checkpoint
     ``prepare_output`` resolved (default: the one the folder's manifest records). Returns this worker's counts and
     timings."""
-    started = time.perf_counter()
-    dist = dist or DistInfo()
-    out = Path(job.out)
-    manifest = load_manifest(out)
-    model = model or ResolvedModel.from_manifest(manifest, job)
-    check_device_available(job.device)
-    device = _device(job, dist)
-    net, info = load_model(model, job, device)
-    runner = ModelRunner(net, info, job, device)
-    batch_size = job.batch_size or (256 if device.type == "cuda" else 32)
-    sampler = ClaimingBatchSampler(
-        out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids, rank=dist.rank
-    )
-    loader = _loader(out, job, runner, sampler, dist)
-    writer = ShardWriter(out, job, runner, sampler.expected, model.sha256)
-    pending = manifest.pending_count if not job.retry_errors else 0
-    enabled = dist.is_main and progress_enabled(job.progress)
-    # The lease tells a run that starts meanwhile to share this attempt's claims rather than reset them
-    with (
-        AttemptLease(out / CLAIMS_DIR / manifest.attempt) if manifest.attempt else nullcontext(),
-        BatchProgress(pending, dist.world_size, enabled=enabled, desc=job.task) as progress,
-    ):
-        stats = _pipeline(loader, runner, writer, progress)
-    stats.wall_s = time.perf_counter() - started
-    return stats
+    return BatchWorker(job, dist=dist, model=model).run(shard_ids)
+
+
+class BatchWorker:
+    """A worker that holds its model: built once (the checkpoint loaded on its device), then ``run`` as often as
+    there is work, e.g. once per shard a Ray actor is handed."""
+
+    def __init__(self, job: BatchJob, *, dist: DistInfo | None = None, model: ResolvedModel | None = None) -> None:
+        started = time.perf_counter()
+        self.job = job
+        self.dist = dist or DistInfo()
+        self.out = Path(job.out)
+        self.model = model or ResolvedModel.from_manifest(load_manifest(self.out), job)
+        check_device_available(job.device)
+        device = _device(job, self.dist)
+        net, info = load_model(self.model, job, device)
+        self.runner = ModelRunner(net, info, job, device)
+        self.load_s = time.perf_counter() - started
+
+    def run(self, shard_ids: Sequence[int] | None = None) -> WorkerStats:
+        """Claim shards until none is left, or process exactly ``shard_ids`` (no claiming). Returns the counts and
+        timings of this call (the first call's wall time includes loading the model)."""
+        started = time.perf_counter()
+        job, dist, out = self.job, self.dist, self.out
+        manifest = load_manifest(out)
+        batch_size = job.batch_size or (256 if self.runner.device.type == "cuda" else 32)
+        sampler = ClaimingBatchSampler(
+            out, manifest, batch_size, retry_errors=job.retry_errors, shard_ids=shard_ids, rank=dist.rank
+        )
+        loader = _loader(out, job, self.runner, sampler, dist)
+        writer = ShardWriter(out, job, self.runner, sampler.expected, self.model.sha256)
+        pending = manifest.pending_count if not job.retry_errors else 0
+        enabled = dist.is_main and progress_enabled(job.progress)
+        # The lease tells a run that starts meanwhile to share this attempt's claims rather than reset them
+        with (
+            AttemptLease(out / CLAIMS_DIR / manifest.attempt) if manifest.attempt else nullcontext(),
+            BatchProgress(pending, dist.world_size, enabled=enabled, desc=job.task) as progress,
+        ):
+            stats = _pipeline(loader, self.runner, writer, progress)
+        stats.wall_s = time.perf_counter() - started + self.load_s
+        self.load_s = 0.0
+        return stats
 
 
 def _device(job: BatchJob, dist: DistInfo) -> torch.device:
