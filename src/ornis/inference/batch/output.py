@@ -60,12 +60,13 @@ class PreparedOutput:
 
 
 def prepare_output(
-    job: BatchJob, model: ResolvedModel | None = None, *, lease: AttemptLease | None = None
+    job: BatchJob, model: ResolvedModel | None = None, *, lease: AttemptLease | None = None, claims: bool = True
 ) -> PreparedOutput:
     """Resolve and hash the checkpoint (unless ``model`` is that already), plan the shards (or check that the folder
     holds this same job), and start a new claim attempt, or join the attempt of a run that is still working in the
     folder (see ``ornis.inference.batch.lease``). Runs in rank 0 or the Ray driver, before any worker; ``lease`` is
-    the caller's hold from an earlier call (a Ray driver's next round), let go of first."""
+    the caller's hold from an earlier call, let go of first. ``claims=False`` (the Ray driver, which hands out the
+    shards itself): no claim attempt, no ``_claims/`` folder and no lease; a run working in the folder is an error."""
     out = Path(job.out)
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"{out}: exists and is not a folder; the output must be a folder")
@@ -95,13 +96,17 @@ def prepare_output(
             records = [{"path": p.key, "reason": p.reason, "shard": None} for p in found]
             atomic_write_jsonl(plan_errors_path(out), records)
             manifest, problems = _new_manifest(job, model, shards), len(found)
+        if live and not claims:
+            who = owner(out / CLAIMS_DIR / str(manifest.attempt))
+            raise OutputFolderError(f"{out}: another run ({who}) is working in it; wait for it to end")
         if not live:
             _remove_temporary_files(out)  # what a killed run was writing; no process works here now
-            manifest.attempt = uuid.uuid4().hex[:12]
             shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
-            (out / CLAIMS_DIR / manifest.attempt).mkdir(parents=True)
-            write_owner(out / CLAIMS_DIR / manifest.attempt)
-        held = AttemptLease(out / CLAIMS_DIR / str(manifest.attempt))
+            manifest.attempt = uuid.uuid4().hex[:12] if claims else None
+            if manifest.attempt is not None:
+                (out / CLAIMS_DIR / manifest.attempt).mkdir(parents=True)
+                write_owner(out / CLAIMS_DIR / manifest.attempt)
+        held = AttemptLease(out / CLAIMS_DIR / manifest.attempt) if manifest.attempt is not None else None
         write_manifest(out, manifest)
     return PreparedOutput(manifest.done_rows, model, held, problems)
 
