@@ -1,9 +1,8 @@
-"""Many processes: ``torchrun --nproc-per-node 2`` on CPU (gloo) and Ray tasks on a local Ray instance give the same
-rows as one process, each image exactly once."""
+"""Many processes: ``torchrun --nproc-per-node 2`` on CPU (gloo) gives the same rows as one process, each image
+exactly once (Ray: ``test_ray_actors.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from conftest import torch_threads
 from PIL import Image
 
 import ornis
-from ornis.inference.batch import embed, make_job, read_errors
+from ornis.inference.batch import embed, read_errors
 
 PYTHON = sys.executable
 pytestmark = pytest.mark.slow
@@ -94,31 +93,3 @@ def test_torchrun_two_ranks_equal_one_process(job_inputs, single, tmp_path: Path
     assert len(claims) == 21  # every shard claimed once in this attempt
     ranks = {c.split()[1] for c in claims}
     assert ranks == {"0", "1"}, "both ranks took shards"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'ornis[ray]')")
-def test_ray_tasks_equal_one_process(job_inputs, single, tmp_path: Path) -> None:
-    import ray
-
-    from ornis.inference.ray_runner import run_with_ray
-
-    ckpt, photos = job_inputs
-    job = make_job(
-        [photos],
-        model=ckpt,
-        out=tmp_path / "out",
-        shard_size=2,
-        batch_size=2,
-        num_workers=0,
-        progress=False,
-        device="cpu",
-    )
-    ray.init(
-        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}}
-    )
-    try:
-        summary = run_with_ray(job, num_tasks=2, cpus_per_task=1)
-    finally:
-        ray.shutdown()
-    assert (summary.done, summary.errors, summary.world_size) == (40, 1, 2)
-    _assert_same_rows(_rows(tmp_path / "out"), single)

@@ -120,7 +120,11 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "--ray", action="store_true", help="run on Ray (pip install 'ornis[ray]') instead of in this process"
     )
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
-    p.add_argument("--ray-workers", type=positive_int, help="Ray tasks (default: one per GPU, else 1)")
+    p.add_argument(
+        "--ray-workers",
+        type=positive_int,
+        help="Ray actors, each loading the model once (default: one per GPU, else per 4 CPUs)",
+    )
 
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the batch job in this process (one rank under torchrun) or on Ray."""
     job = job_from_args(args)
     if args.ray:
-        run_with_ray(job, address=args.ray_address, num_tasks=args.ray_workers)
+        run_with_ray(job, address=args.ray_address, num_actors=args.ray_workers)
     else:
         run_batch(job)  # the summary is logged by rank 0
     return 0

@@ -1,0 +1,218 @@
+"""The batch runner on Ray: a local Ray instance, two actors that each load the model once, shards handed out by the
+driver. An actor killed mid-run (its process exits, as after an out-of-memory kill) is restarted by Ray and its shard
+run again; the output holds every good image exactly once, equal to one process's, and no ``_claims/`` folder.
+
+The kill is injected through Ray's ``worker_process_setup_hook``: in the workers only, after a shard's part file is
+written (or before), the process exits once, when the test leaves a request file for it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import torch_threads
+from PIL import Image
+
+import ornis
+from ornis.errors import OrnisError
+from ornis.inference.batch import BatchJob, embed, make_job, read_errors
+from ornis.inference.ray_actors import plan_actors
+
+FAULTS_ENV = "ORNIS_TEST_RAY_FAULTS"
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (ornis[ray])")
+
+
+def _install_faults() -> None:
+    """Runs in every Ray worker process: wrap the shard commit so that a request file in ``$ORNIS_TEST_RAY_FAULTS``
+    (``before-commit`` or ``after-commit``) makes the first process that takes it exit, on its second shard."""
+    from ornis.inference.batch.writer import ShardWriter
+
+    faults = Path(os.environ[FAULTS_ENV])
+    commit = ShardWriter.commit
+    commits = []
+
+    def take(request: str) -> bool:
+        if not commits:  # mid-run: this actor has written a shard already
+            return False
+        try:
+            (faults / request).rename(faults / f"{request}.taken-by-{os.getpid()}")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def faulty_commit(self: ShardWriter, shard: int) -> None:
+        if take("before-commit"):
+            os._exit(1)
+        commit(self, shard)
+        commits.append(shard)
+        with open(faults / "commits.log", "a") as f:
+            f.write(f"{os.getpid()} {shard}\n")
+        if take("after-commit"):
+            os._exit(1)
+
+    ShardWriter.commit = faulty_commit  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def local_ray(faults: Path) -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    tests = str(Path(__file__).parent)  # so that the workers can import this module's hook
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "ORNIS_OFFLINE": "1",
+        FAULTS_ENV: str(faults),
+        "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p),
+    }
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": env, "worker_process_setup_hook": _install_faults},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ray")
+    torch.manual_seed(0)
+    ckpt = ornis.save_model(ornis.build_model("vit_t16", num_classes=3, size=32), root / "vit_t16_tiny.pt")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (24 + i % 7, 40, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.jpg")
+    (photos / "zero.jpg").write_bytes(b"")
+    return ckpt, photos
+
+
+def _job(job_inputs: tuple[Path, Path], out: Path) -> BatchJob:
+    ckpt, photos = job_inputs
+    return make_job(
+        [photos], model=ckpt, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False, device="cpu"
+    )
+
+
+@pytest.fixture(scope="module")
+def single(job_inputs, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, list[float], int, int]]:
+    out = tmp_path_factory.mktemp("single") / "out"
+    job = _job(job_inputs, out)
+    with torch_threads(1):
+        embed(job.inputs, model=job.model, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False)
+    return _rows(out)
+
+
+def _rows(out: Path) -> list[tuple[str, list[float], int, int]]:
+    return sorted((r["path"], r["embedding"], r["width"], r["height"]) for r in pq.read_table(out).to_pylist())
+
+
+def _assert_same_rows(found, expected) -> None:
+    assert [r[0] for r in found] == [r[0] for r in expected]  # the same images, each once
+    assert [r[2:] for r in found] == [r[2:] for r in expected]
+    a, b = np.array([r[1] for r in found]), np.array([r[1] for r in expected])
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
+
+
+def _commits(faults: Path) -> list[tuple[int, int]]:
+    log = faults / "commits.log"
+    lines = log.read_text().split("\n") if log.exists() else []
+    log.unlink(missing_ok=True)
+    return [(int(pid), int(shard)) for pid, shard in (line.split() for line in lines if line)]
+
+
+@needs_ray
+@pytest.mark.slow
+def test_two_actors_equal_one_process(local_ray, faults: Path, job_inputs, single, tmp_path: Path) -> None:
+    from ornis.inference.ray_runner import run_with_ray
+
+    _commits(faults)
+    out = tmp_path / "out"
+    summary = run_with_ray(_job(job_inputs, out), num_actors=2)
+    assert (summary.done, summary.errors, summary.world_size, summary.shards_done) == (24, 1, 2, 13)
+    _assert_same_rows(_rows(out), single)
+    assert [e["path"] for e in read_errors(out)] == [str(job_inputs[1] / "zero.jpg")]
+    assert not (out / "_claims").exists()
+    commits = _commits(faults)
+    assert sorted(s for _, s in commits) == list(range(13)), "each shard written once"
+    assert len({pid for pid, _ in commits}) == 2, "both actors took shards"
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.parametrize("request_file", ["after-commit", "before-commit"])
+def test_actor_killed_mid_run(local_ray, faults: Path, job_inputs, single, tmp_path: Path, request_file: str) -> None:
+    from ornis.inference.ray_runner import run_with_ray
+
+    _commits(faults)
+    (faults / request_file).touch()
+    out = tmp_path / "out"
+    summary = run_with_ray(_job(job_inputs, out), num_actors=2)
+    killed = list(faults.glob(f"{request_file}.taken-by-*"))
+    assert len(killed) == 1, "an actor was killed"
+    (killed[0]).unlink()
+    assert (summary.done, summary.errors, summary.shards_done, summary.shards_total) == (24, 1, 13, 13)
+    _assert_same_rows(_rows(out), single)
+    assert not (out / "_claims").exists()
+    manifest = (out / "_manifest.json").read_text()
+    assert manifest.count('"status": "done"') == 13
+    commits = _commits(faults)
+    # Written once each: killed after its commit, the shard is found done when Ray runs it again; killed before,
+    # the restarted actor (a new process) writes it
+    assert sorted(s for _, s in commits) == list(range(13))
+    assert len({pid for pid, _ in commits}) == (3 if request_file == "before-commit" else 2)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_resume_after_one_process(local_ray, job_inputs, single, tmp_path: Path) -> None:
+    from ornis.inference.ray_runner import run_with_ray
+
+    out = tmp_path / "out"
+    job = _job(job_inputs, out)
+    with torch_threads(1):
+        embed(job.inputs, model=job.model, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False)
+    for part in sorted(out.glob("part-*.parquet"))[::2]:
+        part.unlink()  # 7 of the 13 shards to do again
+    summary = run_with_ray(job, num_actors=2)
+    assert (summary.done, summary.done + summary.skipped, summary.shards_done) == (12, 24, 13)
+    _assert_same_rows(_rows(out), single)
+    assert not (out / "_claims").exists()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_actor_error_is_one_line(local_ray, job_inputs, tmp_path: Path) -> None:
+    from ornis.inference.ray_runner import run_with_ray
+
+    job = replace(_job(job_inputs, tmp_path / "out"), device="cuda")  # the local cluster has no GPU
+    with pytest.raises(OrnisError, match="no CUDA GPU") as caught:
+        run_with_ray(job, num_actors=1)
+    assert "\n" not in str(caught.value)
+
+
+def test_plan_actors_defaults() -> None:
+    job = make_job(["x"], model="m", out="o")
+    gpu = plan_actors({"CPU": 32, "GPU": 4}, job)
+    assert (gpu.actors, gpu.cpus, gpu.gpus, gpu.num_workers) == (4, 8.0, 1.0, 7)
+    assert gpu.actor_job(job).device is None
+    cpu = plan_actors({"CPU": 16}, job)
+    assert (cpu.actors, cpu.cpus, cpu.gpus, cpu.num_workers) == (4, 4.0, 0.0, 2)
+    assert cpu.actor_job(job).device == "cpu"
+    pinned = plan_actors({"CPU": 2, "GPU": 2}, make_job(["x"], model="m", out="o", device="cpu", num_workers=0))
+    assert (pinned.actors, pinned.cpus, pinned.gpus, pinned.num_workers) == (1, 2.0, 0.0, 0)
+    shared = plan_actors({"CPU": 2, "GPU": 1}, job, num_actors=4)
+    assert (shared.cpus, shared.gpus) == (0.5, 0.25)  # every actor fits, none waits for a whole GPU
