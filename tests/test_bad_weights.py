@@ -80,7 +80,8 @@ def test_malformed_base_url_fails_at_once(env, tmp_path):
     result = ornis(
         "models", "download", PUBLISHED, "--no-progress", "--base-url", "localhost:8000", env=env, cwd=tmp_path
     )
-    assert_failure(result, contains="'localhost:8000/hieradet_small_sam2_1.pt' is not a valid download URL")
+    url = "localhost:8000/birder-project/hieradet_small_sam2_1/resolve/main/hieradet_small_sam2_1.pt"
+    assert_failure(result, contains=f"'{url}' is not a valid download URL")
     assert not (tmp_path / "cache" / "weights").exists()
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.hub import running_server, weights_entry
+from support.hub import resolve_path, running_hub, weights_entry
 
 import ornis
 from ornis.cli.main import main
-from ornis.weights import download, manifest
+from ornis.weights import manifest
 
 NAME = "vit_t16_cli-test"
 NETWORK = "vit_t16"
@@ -37,13 +37,13 @@ def published_only(monkeypatch):
 @pytest.fixture()
 def served(checkpoint_bytes, monkeypatch, tmp_path, published_only):
     """A manifest entry served from a loopback server; an empty cache under tmp_path."""
-    # The entry's own URL is never reached: the tests pass --base-url
-    weights = weights_entry(NAME, NETWORK, checkpoint_bytes, num_classes=0, base_url="http://127.0.0.1:9/unused")
+    # The entry's own hub is never reached: the tests pass --base-url
+    weights = weights_entry(NAME, NETWORK, checkpoint_bytes, num_classes=0, endpoint="http://127.0.0.1:9")
     monkeypatch.setitem(manifest.MANIFEST, NAME, weights)
     monkeypatch.setenv("ORNIS_OFFLINE", "0")
     monkeypatch.delenv("ORNIS_BASE_URL", raising=False)
-    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
-    with running_server({f"/m/{NAME}.pt": checkpoint_bytes}) as srv:
+    with running_hub() as srv:
+        srv.publish(f"birder-project/{NAME}", f"{NAME}.pt", checkpoint_bytes)
         yield srv, weights, tmp_path / "cache"
 
 
@@ -108,7 +108,7 @@ def test_download_list_and_verify(served, capsys):
     args = ["--cache", str(cache_root)]
     assert main(["models", "download", NAME, "--base-url", f"{srv.url}/m", "--no-progress", *args]) == 0
     assert "sha256 verified" in capsys.readouterr().out
-    assert srv.requests == [(f"/m/{NAME}.pt", None)]
+    assert srv.gets() == [(resolve_path(NAME, prefix="/m"), None)]
     path = cache_root / "weights" / f"{NAME}.pt"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == weights.files[0].sha256
 
@@ -127,7 +127,7 @@ def test_download_list_and_verify(served, capsys):
     # --force drops the damaged copy and fetches the published bytes again
     assert main(["models", "download", NAME, "--base-url", f"{srv.url}/m", "--no-progress", "--force", *args]) == 0
     assert main(["models", "verify", *args]) == 0
-    assert len(srv.requests) == 2
+    assert len(srv.gets()) == 2
 
 
 def test_download_unknown_name_fails_before_fetching(served, capsys):
@@ -166,7 +166,6 @@ def test_info_shipped_model_counts_its_own_architecture(capsys):
 
 def test_download_malformed_base_url_fails_at_once(served, capsys, monkeypatch):
     _, _, cache_root = served
-    monkeypatch.setattr(download, "BACKOFF_S", 1.0)  # the default: six tries of a malformed URL took ~31 s
     args = ["models", "download", NAME, "--cache", str(cache_root), "--no-progress", "--base-url", "localhost:8000"]
     assert main(args) == 1
     err = capsys.readouterr().err

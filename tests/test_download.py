@@ -1,5 +1,6 @@
-"""Downloads of published weights, against a loopback HTTP server: clean, resumed, corrupt, concurrent, offline,
-mirrored; and the rule that by-name loading only accepts files whose sha256 is in the manifest."""
+"""Downloads of published weights through huggingface_hub, against a loopback hub: clean, resumed, stalled,
+corrupt, concurrent, offline, refused, mirrored; and the rule that by-name loading only accepts files whose sha256
+is in the manifest."""
 
 from __future__ import annotations
 
@@ -9,20 +10,26 @@ import socket
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
-from support.hub import WeightsServer, running_server, weights_entry
+from support.hub import LoopbackHub, resolve_path, running_hub, weights_entry
+from tqdm import tqdm
 
 import ornis
 from ornis.errors import ChecksumError, WeightsNotFoundError
 from ornis.utils.progress import progress_enabled
-from ornis.weights import cache, download, manifest
+from ornis.weights import cache, download, hub, manifest
 from ornis.weights.checkpoint import sha256_file
-from ornis.weights.manifest import WeightsFile
 
 NAME = "vit_reg4_t16_ls_test-weights"
 NETWORK = "vit_reg4_t16_ls"
-SMALL = {"num_layers": 2}  # a ~4 MB checkpoint: many chunks, quick to serve
+# ~12.5 MiB: more than one of the 10 MiB pieces huggingface_hub writes at a time, so a cut transfer has kept bytes
+# to resume from
+SMALL = {"num_layers": 7}
+PIECE = huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE
+PATH = resolve_path(NAME)
+STALL_AT = PIECE + 4 * 65536  # bytes of the body before the loopback hub goes silent: past the first piece
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +38,26 @@ def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     net = ornis.build_model(NETWORK, size=32, num_classes=3, config=SMALL)
     path = tmp_path_factory.mktemp("ckpt") / "w.pt"
     ornis.save_model(net, path, config=SMALL)
+    assert path.stat().st_size > PIECE + 2**20
     return path.read_bytes()
 
 
 @pytest.fixture()
 def server(checkpoint_bytes: bytes):
-    with running_server(
-        {f"/primary/{NAME}.pt": checkpoint_bytes, f"/mirror/{NAME}/{NAME}.pt": checkpoint_bytes}
-    ) as srv:
+    with running_hub() as srv:
+        srv.publish(f"birder-project/{NAME}", f"{NAME}.pt", checkpoint_bytes)
         yield srv
 
 
 @pytest.fixture()
-def entry(server: WeightsServer, checkpoint_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A manifest entry for the test checkpoint, served by ``server``; a fresh cache; network allowed."""
-    weights = weights_entry(NAME, NETWORK, checkpoint_bytes, num_classes=3, base_url=f"{server.url}/primary")
+def entry(server: LoopbackHub, checkpoint_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A manifest entry for the test checkpoint, published on ``server``; a fresh cache; network allowed."""
+    weights = weights_entry(NAME, NETWORK, checkpoint_bytes, num_classes=3, endpoint=server.url)
     monkeypatch.setitem(manifest.MANIFEST, NAME, weights)
     monkeypatch.setenv("ORNIS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ORNIS_OFFLINE", "0")
-    monkeypatch.delenv("ORNIS_BASE_URL", raising=False)
-    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
-    monkeypatch.setattr(download, "CHUNK_BYTES", 65536)
+    for var in ("ORNIS_BASE_URL", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     return weights
 
 
@@ -60,118 +66,119 @@ def cache_files(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
+def hub_files(tmp_path: Path) -> list[str]:
+    """The files (not folders, locks or tags) left in huggingface_hub's cache."""
+    root = tmp_path / "cache" / "hub"
+    found = (p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts)
+    return sorted(str(p.relative_to(root)) for p in found if p.name not in ("CACHEDIR.TAG", "main"))
+
+
 def test_clean_download_then_load(entry, server, checkpoint_bytes, tmp_path):
     net, info = ornis.load_pretrained_model(NAME, progress_bar=False)
     path = tmp_path / "cache" / "weights" / f"{NAME}.pt"
     assert info.path == path
     assert sha256_file(path) == entry.files[0].sha256
     assert server.bytes_sent == len(checkpoint_bytes)
-    assert [r for r in server.requests] == [(f"/primary/{NAME}.pt", None)]
+    assert [(r.method, r.path, r.range) for r in server.requests] == [("HEAD", PATH, None), ("GET", PATH, None)]
     assert cache_files(tmp_path) == [f"{NAME}.pt", f"{NAME}.pt.verified.json"]
+    assert hub_files(tmp_path) == []  # moved out of the hub cache: one copy on disk
     assert net.name == NETWORK and net.num_classes == 3
-    # A second load uses the cache: nothing more is fetched
+    # A second load uses the cache: nothing more is asked of the hub
     ornis.load_pretrained_model(NAME)
-    assert len(server.requests) == 1
+    assert len(server.requests) == 2
 
 
 def test_interrupted_download_resumes_with_range(entry, server, checkpoint_bytes, tmp_path):
     size = len(checkpoint_bytes)
-    server.cut_after = size // 2
-    path = ornis.weights.cache.resolve_weights(NAME, progress=False)
+    server.cut_after = PIECE + 2**20
+    path = cache.resolve_weights(NAME, progress=False)
     assert sha256_file(path) == entry.files[0].sha256
-    assert len(server.requests) == 2
-    first, second = server.requests
-    assert first[1] is None
-    resumed_from = int(second[1].removeprefix("bytes=").rstrip("-"))
-    assert 0 < resumed_from <= size // 2
-    second_bytes = server.bytes_sent - size // 2
-    assert second_bytes == size - resumed_from < size
+    assert server.gets() == [(PATH, None), (PATH, f"bytes={PIECE}-")]  # the piece on disk is kept
+    assert server.bytes_sent == PIECE + 2**20 + size - PIECE < 2 * size
     assert cache_files(tmp_path) == [f"{NAME}.pt", f"{NAME}.pt.verified.json"]
 
 
-def test_partial_file_from_an_earlier_run_is_resumed(entry, server, checkpoint_bytes, tmp_path):
-    part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
-    part.parent.mkdir(parents=True)
-    part.write_bytes(checkpoint_bytes[:300_000])
-    cache.resolve_weights(NAME, progress=False)
-    assert server.requests == [(f"/primary/{NAME}.pt", "bytes=300000-")]
-    assert server.bytes_sent == len(checkpoint_bytes) - 300_000
-
-
 def test_stalled_connection_times_out_and_resumes(entry, server, checkpoint_bytes, monkeypatch):
-    monkeypatch.setattr(download, "TIMEOUT_S", 0.3)
-    server.stall_once = 2.0
+    # What HF_HUB_DOWNLOAD_TIMEOUT=1 sets (huggingface_hub reads the variable once, at import)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    server.stall_after, server.stall_s = STALL_AT, 6.0
     t0 = time.monotonic()
     path = cache.resolve_weights(NAME, progress=False)
-    assert time.monotonic() - t0 < 2.0  # the client gave up on the silent connection instead of waiting it out
-    assert len(server.requests) == 2 and server.requests[1][1] == "bytes=65536-"
+    assert time.monotonic() - t0 < 6.0  # the client gave up on the silent connection instead of waiting it out
+    assert server.gets() == [(PATH, None), (PATH, f"bytes={PIECE}-")]
     assert path.read_bytes() == checkpoint_bytes
 
 
-def test_server_that_ignores_range_restarts_cleanly(entry, server, checkpoint_bytes, tmp_path):
-    part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"\0" * 1000)  # garbage that a 200 answer must overwrite, not extend
-    server.ignore_range = True
+def test_server_that_ignores_range_restarts_cleanly(entry, server, checkpoint_bytes):
+    server.cut_after = PIECE + 2**20
+    server.ignore_range = True  # the resumed request gets the whole file: it must replace the piece, not extend it
     path = cache.resolve_weights(NAME, progress=False)
-    assert server.requests[0][1] == "bytes=1000-"
+    assert server.gets() == [(PATH, None), (PATH, f"bytes={PIECE}-")]
     assert path.read_bytes() == checkpoint_bytes
 
 
 def test_corrupt_download_raises_and_leaves_nothing(entry, server, tmp_path):
+    """A mirror that serves other bytes under the published ETag: huggingface_hub checks the size only; ornis's
+    sha256 check refuses the file and deletes it from the hub cache too, so no later call can pick it up."""
     server.corrupt = True
-    with pytest.raises(ChecksumError, match=entry.files[0].sha256):
+    with pytest.raises(ChecksumError, match=entry.files[0].sha256) as e:
         ornis.load_pretrained_model(NAME, progress_bar=False)
+    assert f"downloaded from {server.url}{PATH}" in str(e.value) and "\n" not in str(e.value)
     assert cache_files(tmp_path) == []
+    assert hub_files(tmp_path) == []
+    server.corrupt = False  # the mirror is fixed: the next call downloads again
+    assert cache.resolve_weights(NAME, progress=False).is_file()
+    assert len(server.gets()) == 2
 
 
-def _download_in_child(cache_root: str, url: str, sha: str, size_mb: float) -> None:
-    download.fetch(url, Path(cache_root) / f"{NAME}.pt", WeightsFile("pt", size_mb, sha), progress=False)
+def _download_in_child(cache_root: str) -> None:
+    weights = manifest.MANIFEST[NAME]
+    dst = Path(cache_root) / "weights" / f"{NAME}.pt"
+    download.fetch(hub.locate(weights), dst, weights.file(), hub_cache=Path(cache_root) / "hub", progress=False)
 
 
 def test_two_processes_download_once(entry, server, checkpoint_bytes, tmp_path):
-    server.delay_per_chunk = 0.02  # long enough that the second process arrives while the first is busy
-    root = tmp_path / "cache" / "weights"
+    server.delay_per_chunk = 0.005  # long enough that the second process arrives while the first is busy
+    root = tmp_path / "cache"
     f = entry.files[0]
     ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=_download_in_child, args=(str(root), entry.url(), f.sha256, f.size_mb)) for _ in range(2)
-    ]
+    procs = [ctx.Process(target=_download_in_child, args=(str(root),)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert server.bytes_sent == len(checkpoint_bytes)  # one download; the other process waited and reused it
-    assert len(server.requests) == 1
-    assert sha256_file(root / f"{NAME}.pt") == f.sha256
+    assert [r.method for r in server.requests] == ["HEAD", "GET"]
+    assert sha256_file(root / "weights" / f"{NAME}.pt") == f.sha256
     assert cache_files(tmp_path) == [f"{NAME}.pt", f"{NAME}.pt.verified.json"]
 
 
-def test_offline_error_says_what_to_put_where(entry, server, tmp_path, monkeypatch):
-    monkeypatch.setenv("ORNIS_OFFLINE", "1")
+@pytest.mark.parametrize("variable", ["ORNIS_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_error_says_what_to_put_where(entry, server, tmp_path, monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
     with pytest.raises(WeightsNotFoundError) as e:
         ornis.load_pretrained_model(NAME)
     msg = str(e.value)
-    assert f"{server.url}/primary/{NAME}.pt" in msg
+    assert f"offline mode is on ({variable})" in msg and "\n" not in msg
+    assert f"{server.url}{PATH}" in msg and f"repository birder-project/{NAME}" in msg
     assert str(tmp_path / "cache" / "weights" / f"{NAME}.pt") in msg
     assert entry.files[0].sha256 in msg
     assert server.requests == []
 
 
-def test_refused_connection_fails_fast_then_explains(entry, tmp_path, monkeypatch):
-    """Nobody listening is not a slow network: one quick second try, not RETRIES backed-off waits (before: six
-    attempts over ~31 s with the default 1 s back-off)."""
+def test_refused_connection_fails_fast_then_explains(entry, tmp_path):
+    """Nobody listening is not a slow network: one quick second try (huggingface_hub alone would back off for
+    ~23 s before giving up)."""
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(download, "BACKOFF_S", 1.0)  # the default
-    url = f"http://127.0.0.1:{port}/w"
+    endpoint = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with pytest.raises(WeightsNotFoundError, match=r"Connection refused\); gave up after 2 attempts") as e:
-        cache.resolve_weights(NAME, base_url=url, progress=False)
+        cache.resolve_weights(NAME, base_url=endpoint, progress=False)
     assert time.monotonic() - t0 < 3
-    assert f"{url}/{NAME}.pt" in str(e.value)
+    assert f"{endpoint}{PATH}" in str(e.value)
     assert str(tmp_path / "cache" / "weights" / f"{NAME}.pt") in str(e.value)
 
 
@@ -185,23 +192,22 @@ def test_refused_connection_fails_fast_then_explains(entry, tmp_path, monkeypatc
         ("http:///w", "it names no host"),
     ],
 )
-def test_malformed_base_url_fails_at_once(entry, tmp_path, monkeypatch, base_url, why):
+def test_malformed_base_url_fails_at_once(entry, tmp_path, base_url, why):
     """A typo in the mirror is not a network failure: no connection, no retry, no cache folder made."""
-    monkeypatch.setattr(download, "BACKOFF_S", 1.0)
     t0 = time.monotonic()
     with pytest.raises(WeightsNotFoundError, match="is not a valid download URL") as e:
         cache.resolve_weights(NAME, base_url=base_url, progress=False)
     assert time.monotonic() - t0 < 1
     assert why in str(e.value) and "ORNIS_BASE_URL" in str(e.value)
-    assert cache_files(tmp_path) == []
+    assert not (tmp_path / "cache").exists()
 
 
-def test_server_errors_are_still_retried(entry, server, checkpoint_bytes, tmp_path):
-    """5xx answers (a busy or restarting hub) keep their retries: two 503s, then the file."""
+def test_server_errors_are_still_retried(entry, server, checkpoint_bytes):
+    """5xx answers (a busy or restarting hub) are retried by huggingface_hub: two, then the file."""
     server.fail_with = [503, 502]
     path = cache.resolve_weights(NAME, progress=False)
     assert path.read_bytes() == checkpoint_bytes
-    assert len(server.requests) == 3
+    assert [r.method for r in server.requests] == ["HEAD", "HEAD", "HEAD", "GET"]
 
 
 def test_cache_that_is_a_file_is_named(entry, server, tmp_path, monkeypatch):
@@ -270,15 +276,16 @@ def test_downloaded_files_follow_the_umask(entry, server, tmp_path):
 
 
 def test_missing_file_is_not_retried(entry, server, tmp_path):
-    with pytest.raises(WeightsNotFoundError, match="HTTP 404"):
-        cache.resolve_weights(NAME, base_url=f"{server.url}/nowhere", progress=False)
-    assert len(server.requests) == 1
+    server.repos[f"birder-project/{NAME}"].clear()
+    with pytest.raises(WeightsNotFoundError, match=rf"HTTP 404: birder-project/{NAME} has no file {NAME}.pt"):
+        cache.resolve_weights(NAME, progress=False)
+    assert [r.method for r in server.requests] == ["HEAD"]
 
 
 def test_mirror_from_environment(entry, server, checkpoint_bytes, monkeypatch):
-    monkeypatch.setenv("ORNIS_BASE_URL", f"{server.url}/mirror/{{name}}")
+    monkeypatch.setenv("ORNIS_BASE_URL", f"{server.url}/mirror")
     cache.resolve_weights(NAME, progress=False)
-    assert server.requests == [(f"/mirror/{NAME}/{NAME}.pt", None)]
+    assert server.gets() == [(f"/mirror{PATH}", None)]
 
 
 def test_cached_file_not_in_manifest_loads_only_by_path(entry, server, tmp_path):
@@ -300,8 +307,7 @@ def test_verified_marker_skips_rehash_until_file_changes(entry, server, monkeypa
     monkeypatch.setattr(cache, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
     cache.resolve_weights(NAME)
     assert calls == []
-    path.touch()  # mtime changes: the marker no longer vouches for the file
-    st = path.stat()
+    st = path.stat()  # mtime changes: the marker no longer vouches for the file
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     cache.resolve_weights(NAME)
     assert calls == [path]
@@ -310,20 +316,11 @@ def test_verified_marker_skips_rehash_until_file_changes(entry, server, monkeypa
 def test_progress_bar_on_stderr_when_asked(entry, server, checkpoint_bytes, capsys):
     cache.resolve_weights(NAME, progress=True)
     err = capsys.readouterr().err
-    mib = len(checkpoint_bytes) / 2**20  # tqdm scales bytes by 1024
-    assert f"{NAME}.pt" in err and "100%" in err and f"{mib:.2f}M/{mib:.2f}M" in err
+    size = tqdm.format_sizeof(len(checkpoint_bytes), divisor=1024)
+    assert f"{NAME}.pt" in err and "100%" in err and f"{size}/{size}" in err
     assert progress_enabled(False) is False
 
 
 def test_no_progress_bar_when_not_asked(entry, server, capsys):
     cache.resolve_weights(NAME, progress=False)
     assert capsys.readouterr().err == ""
-
-
-def test_stale_partial_file_is_discarded_after_a_bad_resume(entry, server, checkpoint_bytes, tmp_path):
-    part = tmp_path / "cache" / "weights" / f"{NAME}.pt.part"
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"\1" * 1000)  # left over from some other file: resuming it gives the wrong digest
-    path = cache.resolve_weights(NAME, progress=False)
-    assert server.requests == [(f"/primary/{NAME}.pt", "bytes=1000-"), (f"/primary/{NAME}.pt", None)]
-    assert path.read_bytes() == checkpoint_bytes

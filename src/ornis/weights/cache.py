@@ -1,10 +1,10 @@
 """Where published weights live on disk, and how a name becomes a file.
 
-Settings (argument > environment variable > default):
-- cache folder: ``ORNIS_CACHE`` (default ``$XDG_CACHE_HOME/ornis`` or ``~/.cache/ornis``), files under ``weights/``;
-- mirror: ``ORNIS_BASE_URL`` replaces ``https://huggingface.co/birder-project/<name>/resolve/main`` (``{name}`` in it
-  is filled in; without it the file name is appended);
-- offline: ``ORNIS_OFFLINE=1`` never touches the network.
+Settings (argument > environment variable > default); ``ornis.weights.hub`` maps them onto ``huggingface_hub``'s:
+- cache folder: ``ORNIS_CACHE`` (default ``$XDG_CACHE_HOME/ornis`` or ``~/.cache/ornis``): verified files under
+  ``weights/``, huggingface_hub's cache (downloads in progress, locks) under ``hub/``;
+- mirror: ``ORNIS_BASE_URL`` is the hub endpoint (``HF_ENDPOINT`` when it is unset);
+- offline: ``ORNIS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` never touches the network.
 
 A file is used by name only if its sha256 is the manifest's: the check runs once, and a small
 ``<file>.verified.json`` beside it records the size and mtime it was made at, so a 1 GB file is not re-hashed on
@@ -21,14 +21,9 @@ from pathlib import Path
 
 from ornis.errors import ChecksumError, WeightsNotFoundError
 from ornis.utils.locks import file_lock
-from ornis.weights import download
+from ornis.weights import download, hub
 from ornis.weights.checkpoint import sha256_file
-from ornis.weights.manifest import DEFAULT_FILE_FORMAT, MANIFEST, PretrainedWeights, get_weights
-
-
-def env_flag(name: str) -> bool:
-    """Whether environment variable ``name`` is set to a true value (1, true, yes, on)."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+from ornis.weights.manifest import DEFAULT_FILE_FORMAT, MANIFEST, PretrainedWeights, WeightsFile, get_weights
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -58,7 +53,7 @@ def require_cache(override: str | os.PathLike | None = None, *, writable: bool =
     in_the_way = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
     why = f"{in_the_way} is a file, not a folder" if in_the_way is not None else None
     if why is None and writable:
-        folders = (root / "weights", download.lock_path(root / "weights" / "x").parent)
+        folders = (root / "weights", hub_cache_dir(root), download.lock_path(root / "weights" / "x").parent)
         try:
             for folder in folders:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -74,6 +69,11 @@ def require_cache(override: str | os.PathLike | None = None, *, writable: bool =
     return root
 
 
+def hub_cache_dir(root: Path) -> Path:
+    """huggingface_hub's cache (``cache_dir=``) inside the ornis cache ``root``: downloads land there first."""
+    return root / "hub"
+
+
 def weights_path(
     weights: PretrainedWeights, file_format: str = DEFAULT_FILE_FORMAT, cache: str | os.PathLike | None = None
 ) -> Path:
@@ -81,13 +81,10 @@ def weights_path(
     return cache_dir(cache) / "weights" / weights.file_name(file_format)
 
 
-def base_url_for(weights: PretrainedWeights, base_url: str | None = None) -> str | None:
-    """The mirror to fetch ``weights`` from (``base_url`` or ``ORNIS_BASE_URL``, ``{name}`` filled in); None for
-    the entry's own URL."""
-    base = base_url or os.environ.get("ORNIS_BASE_URL")
-    if not base:
-        return None
-    return base.replace("{name}", weights.name) if "{name}" in base else base
+def base_url_for(weights: PretrainedWeights, base_url: str | None = None) -> str:
+    """The resolve base ``weights`` are fetched from (``{endpoint}/{repo}/resolve/{revision}``): the mirror
+    ``base_url`` or ``ORNIS_BASE_URL``, else ``HF_ENDPOINT`` or the entry's own (see ``ornis.weights.hub.locate``)."""
+    return hub.locate(weights, base_url=base_url).base
 
 
 def local_file(
@@ -156,17 +153,34 @@ def resolve_weights(
         check_cached(path, weights, file_format)
         return path
     require_cache(cache, writable=False)
+    source = hub.locate(weights, file_format, base_url)
     if offline is None:
-        offline = env_flag("ORNIS_OFFLINE")
-    url = weights.url(file_format, base_url_for(weights, base_url))
-    if offline:
-        raise WeightsNotFoundError(
-            f"{name}: {path} is not in the cache and offline mode is on (ORNIS_OFFLINE); download {url} "
-            f"(about {expected.size_mb:.1f} MB, sha256 {expected.sha256}) and put it at {path}"
-        )
-    download.check_url(url)
+        setting = hub.offline_setting()
+    else:
+        setting = "offline=True" if offline else None
+    if setting is not None:
+        return _offline(source, path, expected, cache, setting)
+    hub.check_url(source.url)  # a typo in the mirror fails before any folder is made
     require_cache(cache)
-    return download.fetch(url, path, expected, progress=progress)
+    return download.fetch(source, path, expected, hub_cache=hub_cache_dir(cache_dir(cache)), progress=progress)
+
+
+def _offline(
+    source: hub.HubFile, path: Path, expected: WeightsFile, cache: str | os.PathLike | None, setting: str
+) -> Path:
+    """``path`` from a verified copy huggingface_hub's cache already holds, or ``WeightsNotFoundError`` saying what
+    to fetch and where to put it: offline, nothing else is tried."""
+    root = cache_dir(cache)
+    if source.folder_in(hub_cache_dir(root)).is_dir():
+        require_cache(cache)
+        with file_lock(download.lock_path(path)):
+            if download.adopt_from_hub_cache(source, path, expected, hub_cache_dir(root)):
+                return path
+    raise WeightsNotFoundError(
+        f"{path.name}: {path} is not in the cache and offline mode is on ({setting}); download {source.url} "
+        f"({source.filename} of the Hugging Face repository {source.repo_id}, about {expected.size_mb:.1f} MB, "
+        f"sha256 {expected.sha256}) and put it at {path}"
+    )
 
 
 def download_weights(
