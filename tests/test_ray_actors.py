@@ -21,6 +21,7 @@ from conftest import torch_threads
 from PIL import Image
 
 import ornis
+from ornis.cli.main import main
 from ornis.errors import OrnisError
 from ornis.inference.batch import BatchJob, embed, make_job, read_errors
 from ornis.inference.ray_actors import plan_actors
@@ -178,19 +179,19 @@ def test_actor_killed_mid_run(local_ray, faults: Path, job_inputs, single, tmp_p
 
 @needs_ray
 @pytest.mark.slow
-def test_resume_after_one_process(local_ray, job_inputs, single, tmp_path: Path) -> None:
-    from ornis.inference.ray_runner import run_with_ray
-
+def test_cli_resumes_a_one_process_run(local_ray, job_inputs, single, tmp_path: Path) -> None:
     out = tmp_path / "out"
     job = _job(job_inputs, out)
     with torch_threads(1):
         embed(job.inputs, model=job.model, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False)
     for part in sorted(out.glob("part-*.parquet"))[::2]:
         part.unlink()  # 7 of the 13 shards to do again
-    summary = run_with_ray(job, num_actors=2)
-    assert (summary.done, summary.done + summary.skipped, summary.shards_done) == (12, 24, 13)
+    argv = ["embed", *job.inputs, "-m", job.model, "-o", str(out), "--shard-size", "2", "--batch-size", "2"]
+    argv += ["--workers", "0", "--device", "cpu", "--no-progress", "--ray", "--ray-workers", "2"]
+    assert main(argv) == 0
     _assert_same_rows(_rows(out), single)
     assert not (out / "_claims").exists()
+    assert (out / "_manifest.json").read_text().count('"status": "done"') == 13
 
 
 @needs_ray
