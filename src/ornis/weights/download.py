@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +129,8 @@ def _download(source: HubFile, dst: Path, expected: WeightsFile, hub_cache: Path
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return Path(
-            hf_hub_download(
+        with _without_telemetry():
+            pointer = hf_hub_download(
                 repo_id=source.repo_id,
                 filename=source.filename,
                 revision=source.revision,
@@ -137,9 +139,25 @@ def _download(source: HubFile, dst: Path, expected: WeightsFile, hub_cache: Path
                 library_name=LIBRARY_NAME,
                 tqdm_class=_bar_class(dst.name, progress),
             )
-        )
     except (httpx2.HTTPError, EntryNotFoundError, OSError, ValueError) as e:
         raise WeightsNotFoundError(unavailable(source, dst, expected, hub_failure(e, source))) from None
+    return Path(pointer)
+
+
+@contextmanager
+def _without_telemetry() -> Iterator[None]:
+    """huggingface_hub (2.x) builds its User-Agent with a GET of ``{HF_ENDPOINT}/api/agent-harnesses`` once a day,
+    to huggingface.co even when the weights come from a mirror. ornis asks the network for the file and nothing
+    else, so its downloads run as under ``HF_HUB_DISABLE_TELEMETRY=1`` (a setting huggingface_hub reads at import;
+    the flag is restored afterwards)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_DISABLE_TELEMETRY
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_TELEMETRY = before
 
 
 def _accept(pointer: Path, dst: Path, expected: WeightsFile, origin: str) -> None:
