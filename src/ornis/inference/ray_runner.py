@@ -58,13 +58,14 @@ def run_with_ray(
         ray.init(address=address, **(init_kwargs or {}))
     plan = plan_actors(ray.cluster_resources(), job, num_actors=num_actors, cpus_per_actor=cpus_per_actor)
     prepared = prepare_output(job, claims=False)  # the checkpoint is resolved and hashed here, once
-    before = load_manifest(Path(job.out))
+    out = Path(job.out)
+    before = load_manifest(out)
     todo = [s.id for s in before.shards if s.status != "done" or (job.retry_errors and s.errors)]
     actor_class = ray.remote(ShardActor).options(
         num_cpus=plan.cpus, num_gpus=plan.gpus, max_restarts=-1, max_task_retries=SHARD_RETRIES
     )
     actors = [actor_class.remote(plan.actor_job(job), prepared.model) for _ in range(min(plan.actors, len(todo)))]
-    recorder = _Recorder(Path(job.out))
+    recorder = _Recorder(out)
     total = sum(before.shards[i].count for i in todo) if not job.retry_errors else 0
     totals = WorkerStats()
     try:
@@ -87,7 +88,7 @@ def run_with_ray(
     )
     if failures:
         raise _failure(job, failures)
-    summary = _counted(summary, load_manifest(Path(job.out)), todo, prepared.skipped, prepared.problems)
+    summary = _counted(summary, load_manifest(out), todo, prepared.skipped, prepared.problems)
     log.info("%s", summary)
     return summary
 
