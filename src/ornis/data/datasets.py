@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from ornis.data.decode import DecodeOptions, ImageDecodeError, decode_image, is_image_name, read_image_bytes
 from ornis.data.inputs import LIST_SUFFIXES, PATH_COLUMNS, InputError, read_file_list
 from ornis.data.plan import PLAN_SCHEMA, InputProblem, Item, Shard, index_tar, plan_shards, read_plan_shard, write_plan
-from ornis.data.tar import read_member
+from ornis.data.tar import open_tar, read_member
+from ornis.utils.storage import Location, RemotePath, location
 
 __all__ = [
     "LIST_SUFFIXES",
@@ -76,12 +77,12 @@ class ShardDataset(Dataset):
 
     def __init__(
         self,
-        plan_path: Path,
+        plan_path: Path | RemotePath | str,
         transform: Callable[[Any], torch.Tensor],
         options: DecodeOptions | None = None,
         raw_jpeg: bool = False,
     ) -> None:
-        self.plan_path = Path(plan_path)
+        self.plan_path: Location = location(plan_path)
         self.transform = transform
         self.options = options or DecodeOptions()
         self.raw_jpeg = raw_jpeg
@@ -142,7 +143,7 @@ class ShardDataset(Dataset):
         if self._tar is None or self._tar[0] != item.path:
             if self._tar is not None:
                 self._tar[1].close()
-            self._tar = (item.path, open(item.path, "rb"))  # noqa: SIM115 - kept open across samples, closed on switch
+            self._tar = (item.path, open_tar(item.path))  # kept open across samples, closed on switch
         return read_member(self._tar[1], item.offset, item.size, item.key)
 
     def __getstate__(self) -> dict[str, Any]:  # open files and caches stay in the process that made them

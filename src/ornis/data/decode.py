@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ornis.errors import OrnisError, first_line
+from ornis.utils.storage import RemotePath, StorageError, is_remote, read_bytes
 
 # Pillow's own default (89.5 Mpx; a 12-bit 200 Mpx scan is rare in photo collections). Set explicitly so that the
 # bomb check does not depend on what another library did to the global, and raised rather than warned about.
@@ -164,8 +165,11 @@ def read_image_bytes(path: str | os.PathLike, source: str | None = None, max_byt
 
     Only a regular file is opened (``stat`` first, so a FIFO cannot block and a device cannot stream), and then
     without blocking and checked again on the open file (it may have been swapped since); at most ``max_bytes`` + 1
-    bytes are ever read, so a file that grows while being read cannot exhaust the memory either."""
+    bytes are ever read, so a file that grows while being read cannot exhaust the memory either. An object in
+    object storage (a URL) is read with one ranged GET of at most ``max_bytes`` + 1 bytes."""
     source = os.fspath(path) if source is None else source
+    if is_remote(path):
+        return _read_remote(RemotePath(os.fspath(path)), source, max_bytes)
     try:
         _check_regular(os.stat(path), source, max_bytes)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -177,6 +181,18 @@ def read_image_bytes(path: str | os.PathLike, source: str | None = None, max_byt
         raise ImageDecodeError(source, "file not found") from None
     except OSError as e:
         raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise ImageDecodeError(source, f"file too large (more than {max_bytes} bytes, the limit)")
+    return data
+
+
+def _read_remote(where: RemotePath, source: str, max_bytes: int) -> bytes:
+    try:
+        data = read_bytes(where, 0, max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageDecodeError(source, "file not found") from None
+    except (OSError, StorageError) as e:
+        raise ImageDecodeError(source, f"cannot read object ({first_line(e, REASON_LIMIT)})") from None
     if len(data) > max_bytes:
         raise ImageDecodeError(source, f"file too large (more than {max_bytes} bytes, the limit)")
     return data

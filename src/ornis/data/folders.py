@@ -12,8 +12,9 @@ import os
 from collections.abc import Callable, Iterator
 
 from ornis.data.decode import IMAGE_EXTENSIONS, is_image_name
+from ornis.utils.storage import RemotePath, storage_errors
 
-__all__ = ["IMAGE_EXTENSIONS", "is_hidden", "is_image_name", "sub_folders", "walk_images"]
+__all__ = ["IMAGE_EXTENSIONS", "is_hidden", "is_image_name", "sub_folders", "walk_images", "walk_remote_images"]
 
 
 def is_hidden(name: str) -> bool:
@@ -31,6 +32,23 @@ def walk_images(folder: str | os.PathLike, onerror: Callable[[OSError], None] | 
         for name in sorted(names):
             if not is_hidden(name) and is_image_name(name):
                 yield os.path.join(root, name)
+
+
+def walk_remote_images(folder: RemotePath) -> list[str]:
+    """``walk_images`` for a folder in object storage: one recursive prefix listing (no request per sub-folder),
+    put in the same order and filtered by the same rules; the images as URLs under ``folder``."""
+    fs, root = folder.fs_path()
+    with storage_errors(folder):
+        found = fs.find(root)
+    prefix = root.rstrip("/") + "/"
+    images = []
+    for key in found:
+        parts = key[len(prefix) :].split("/") if key.startswith(prefix) else []
+        if parts and not any(is_hidden(p) for p in parts) and is_image_name(parts[-1]):
+            images.append(parts)
+    # os.walk's order: a folder's own files (0) before its sub-folders (1), names sorted at every level
+    images.sort(key=lambda parts: [(1, d) for d in parts[:-1]] + [(0, parts[-1])])
+    return [f"{folder.url}/{'/'.join(parts)}" for parts in images]
 
 
 def sub_folders(folder: str | os.PathLike) -> list[str]:

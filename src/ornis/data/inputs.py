@@ -10,6 +10,9 @@
   refused, naming its columns, unless it has a single column whose first cell is an image name (a header-less
   list). Relative paths are relative to the list file's folder.
 - A ``.tar`` is a webdataset shard (see :mod:`ornis.data.tar`).
+- A URL (``s3://bucket/photos/``, ``gs://...``; see :mod:`ornis.utils.storage`) names a folder (every object under
+  the prefix, by the same rules, in the same order), a pattern, an image, a list or a tar in object storage. A list
+  may name URLs; its relative entries are under the list's own folder, wherever that is.
 
 File names are ``str`` as ``os.fsdecode`` makes them: bytes that are not UTF-8 (old archives) are kept as surrogate
 escapes, so every name still opens the file it came from (``utf8_name`` is its printable, valid UTF-8 form).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,9 +30,10 @@ from typing import NamedTuple
 
 import pyarrow.parquet as pq
 
-from ornis.data.folders import is_image_name, walk_images
+from ornis.data.folders import is_image_name, walk_images, walk_remote_images
 from ornis.data.tar import is_tar_name
 from ornis.errors import OrnisError, first_line
+from ornis.utils.storage import Location, RemotePath, is_remote, join_name, location, read_bytes, storage_errors
 
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 PATH_COLUMNS = ("path", "file", "filename", "image")
@@ -61,6 +66,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
     """The files the arguments name, in argument order (duplicates kept); ``InputError`` for one that names none."""
     for raw in inputs:
         text = os.fspath(raw)
+        if is_remote(text):
+            yield from _expand_remote(RemotePath(text), text)
+            continue
         path = Path(text)
         if path.is_dir():
             unlisted: list[OSError] = []
@@ -79,33 +87,62 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
                 raise InputError(f"{text}: the pattern matches no file")
             yield from expand_inputs(m for m in matches if Path(m).is_dir() or is_image_name(m) or is_tar_name(m))
         else:
-            raise InputError(
-                f"{text}: no such file or folder (expected a folder, an image, a glob pattern, a .tar shard or a "
-                f"{'/'.join(LIST_SUFFIXES)} file list)"
-            )
+            raise _missing(text)
+
+
+def _missing(text: str) -> InputError:
+    return InputError(
+        f"{text}: no such file or folder (expected a folder, an image, a glob pattern, a .tar shard or a "
+        f"{'/'.join(LIST_SUFFIXES)} file list)"
+    )
+
+
+def _expand_remote(where: RemotePath, text: str) -> Iterator[InputFile]:
+    """``expand_inputs`` for one URL: the same kinds of input, asked of the store."""
+    suffix = os.path.splitext(where.name)[1].lower()
+    if any(c in text for c in "*?["):
+        fs, pattern = where.fs_path()
+        with storage_errors(where):
+            matches = sorted(fs.unstrip_protocol(m) for m in fs.glob(pattern))
+        if not matches:
+            raise InputError(f"{text}: the pattern matches no file")
+        kept = [m for m in matches if is_image_name(m) or is_tar_name(m) or RemotePath(m).is_dir()]
+        yield from expand_inputs(kept)
+    elif where.is_file():
+        if is_tar_name(text):
+            yield InputFile(text, is_tar=True)
+        elif suffix in LIST_SUFFIXES:
+            yield from (InputFile(p) for p in read_file_list(text))
+        else:
+            yield InputFile(text)
+    elif where.is_dir():
+        yield from (InputFile(p) for p in walk_remote_images(where))
+    else:
+        raise _missing(text)
 
 
 def read_file_list(path: str | os.PathLike) -> list[str]:
     """The paths a ``.txt`` / ``.lst`` / ``.csv`` / ``.parquet`` list names, relative ones resolved against its
     folder; ``InputError`` naming the list for one that cannot be read or has no path column."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+    where: Location = location(path)
+    suffix = os.path.splitext(where.name)[1].lower()
     try:
+        data = read_bytes(where)
         if suffix in (".txt", ".lst"):
-            lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+            lines = data.decode("utf-8", errors="surrogateescape").splitlines()
             entries = [e for e in (ln.strip() for ln in lines) if e and not e.startswith("#")]
         elif suffix == ".csv":
-            entries = _csv_paths(path)
+            entries = _csv_paths(where, data)
         else:
-            entries = _parquet_paths(path)
+            entries = _parquet_paths(where, data)
     except (OSError, csv.Error) as e:
-        raise InputError(f"{path}: cannot read the file list ({first_line(e)})") from None
-    base = path.parent
-    return [e if os.path.isabs(e) else os.path.join(base, e) for e in entries]
+        raise InputError(f"{where}: cannot read the file list ({first_line(e)})") from None
+    base = str(where.parent)
+    return [join_name(base, e) for e in entries]
 
 
-def _csv_paths(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+def _csv_paths(path: Location, data: bytes) -> list[str]:
+    with io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
         return []
@@ -123,9 +160,9 @@ def _csv_paths(path: Path) -> list[str]:
     return [r[column].strip() for r in body if len(r) > column and r[column].strip()]
 
 
-def _parquet_paths(path: Path) -> list[str]:
+def _parquet_paths(path: Location, data: bytes) -> list[str]:
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(data))
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid and friends for a file that is not Parquet

@@ -9,7 +9,8 @@ error of the run: it becomes an ``InputProblem`` for the errors file. Inputs tha
 ``InputError``.
 
 Names are kept as bytes in the plan file (``os.fsencode``), so a file name that is not UTF-8 survives the round
-trip and still opens its file.
+trip and still opens its file. The plan file may live in object storage (``write_plan`` / ``read_plan_shard`` take a
+``Path`` or a ``RemotePath``): it is written whole, and a worker reads only its shard's row group by ranged reads.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from __future__ import annotations
 import os
 import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ornis.data.decode import IMAGE_EXTENSIONS
 from ornis.data.inputs import LIST_SUFFIXES, InputError, expand_inputs
-from ornis.data.tar import scan_tar
-from ornis.utils.fs import atomic_path
+from ornis.data.tar import TarIndex, scan_tar
+from ornis.utils.storage import Location, committed, is_remote, location, open_input, same_place
+
+REMOTE_SCANS = 16  # tars in object storage indexed at once (each scan mostly waits for its ranged reads)
+PLAN_BLOCK = 1 << 20  # bytes read ahead from a plan in object storage: a shard's row group in one request
 
 PLAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("key", pa.binary()), ("path", pa.binary()), ("offset", pa.int64()), ("size", pa.int64())]
@@ -69,7 +73,7 @@ def plan_shards(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> 
     tars: dict[str, str] = {}
     problems = []
     for found in expand_inputs(inputs):
-        same = os.path.abspath(found.path)  # one file, however it is spelt
+        same = same_place(found.path) if is_remote(found.path) else os.path.abspath(found.path)  # however spelt
         if found.problem is not None:
             problems.append(InputProblem(found.path, found.problem))
         elif found.is_tar:
@@ -80,11 +84,9 @@ def plan_shards(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> 
     shards = [
         Shard(i, "files", tuple(loose[s : s + shard_size])) for i, s in enumerate(range(0, len(loose), shard_size))
     ]
-    for tar in tars.values():
-        try:
-            index = scan_tar(tar)
-        except (OSError, tarfile.TarError) as e:
-            problems.append(InputProblem(tar, f"unreadable tar ({type(e).__name__}: {e})"))
+    for tar, index in zip(tars.values(), _scan_all(list(tars.values()))):
+        if isinstance(index, Exception):
+            problems.append(InputProblem(tar, f"unreadable tar ({type(index).__name__}: {index})"))
             continue
         if index.problem is not None:
             problems.append(InputProblem(tar, index.problem))
@@ -99,16 +101,31 @@ def plan_shards(inputs: Sequence[str | os.PathLike], shard_size: int = 1000) -> 
     return shards, problems
 
 
+def _scan_all(tars: list[str]) -> list[TarIndex | Exception]:
+    """Each tar's index, or why it could not be read; tars in object storage are scanned several at once."""
+
+    def scan(tar: str) -> TarIndex | Exception:
+        try:
+            return scan_tar(tar)
+        except (OSError, tarfile.TarError) as e:
+            return e
+
+    if not any(is_remote(t) for t in tars):
+        return [scan(t) for t in tars]
+    with ThreadPoolExecutor(REMOTE_SCANS) as pool:
+        return list(pool.map(scan, tars))
+
+
 def index_tar(tar_path: str) -> list[Item]:
     """The image samples of an uncompressed webdataset tar, in stored order, with their data offsets."""
     return [Item(f"{tar_path}:{s.key}", tar_path, s.offset, s.size) for s in scan_tar(tar_path).samples]
 
 
 # -- the plan on disk: one Parquet row group a shard, so a worker reads only the shard it needs ------------------
-def write_plan(shards: Sequence[Shard], path: Path) -> None:
+def write_plan(shards: Sequence[Shard], path: Location | str) -> None:
     """Write the plan to ``path`` (atomically: a reader sees a whole plan or none)."""
     # suffix "": the temporary name ends in ".tmp", which the batch runner's clean-up of stale temporaries matches
-    with atomic_path(path, suffix="") as tmp, pq.ParquetWriter(tmp, PLAN_SCHEMA) as writer:
+    with committed(location(path), suffix="") as tmp, pq.ParquetWriter(tmp, PLAN_SCHEMA) as writer:
         for shard in shards:
             writer.write_table(_shard_table(shard))
 
@@ -126,9 +143,14 @@ def _shard_table(shard: Shard) -> pa.Table:
     )
 
 
-def read_plan_shard(path: Path, shard_id: int) -> list[Item]:
+def read_plan_shard(path: Location | str, shard_id: int) -> list[Item]:
     """The samples of one shard of the plan at ``path``."""
-    cols = pq.ParquetFile(path).read_row_group(shard_id).to_pydict()
+    where = location(path)
+    if is_remote(where):
+        with open_input(where, PLAN_BLOCK) as f:
+            cols = pq.ParquetFile(f).read_row_group(shard_id).to_pydict()
+    else:
+        cols = pq.ParquetFile(where).read_row_group(shard_id).to_pydict()
     keys, paths = (_names(cols[c]) for c in ("key", "path"))
     return [Item(k, p, o, s) for k, p, o, s in zip(keys, paths, cols["offset"], cols["size"])]
 

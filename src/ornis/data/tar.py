@@ -11,18 +11,29 @@ The rules, the same for every command that reads a shard:
 - A ``.cls`` or ``.label`` member holds the sample's integer class label, read only when labels are asked for.
 - Samples come in the order their image is stored. Only the headers are read (no image data), so a shard is indexed
   once and its samples read in any order; tars must therefore be uncompressed, as webdataset writes them.
+- A shard in object storage (a URL) is read the same way through ranged reads (``ornis.utils.storage.open_input``):
+  indexing fetches the headers with what lies between them up to ``SCAN_BLOCK`` ahead, and a sample's bytes are read
+  by offset; the shard is never copied whole to local disk.
 """
 
 from __future__ import annotations
 
 import os
 import tarfile
+from contextlib import nullcontext
 from typing import BinaryIO, NamedTuple
 
 from ornis.data.decode import ImageDecodeError, is_image_name
 from ornis.data.folders import is_hidden
+from ornis.utils.storage import RemotePath, is_remote, open_input
 
 TAR_LABEL_EXTENSIONS = ("cls", "label")
+# Bytes fetched ahead while indexing a shard in object storage: webdataset members are small, so one ranged read
+# takes many headers at once (a request per header would cost a round trip each); larger members are skipped over.
+SCAN_BLOCK = 8 << 20
+# Bytes fetched ahead while reading samples: about one batch of photos, so a DataLoader worker reading its batch in
+# stored order makes one or two requests and fetches little of the batches the other workers read.
+READ_BLOCK = 4 << 20
 
 
 class TarSample(NamedTuple):
@@ -72,7 +83,8 @@ def scan_tar(path: str | os.PathLike, read_labels: bool = False) -> TarIndex:
     cut short would silently lose its last samples."""
     images: dict[str, tuple[int, int]] = {}  # insertion order is stored order
     labels: dict[str, int] = {}
-    with tarfile.open(path, "r:") as tar:
+    remote = open_input(RemotePath(os.fspath(path)), SCAN_BLOCK) if is_remote(path) else None
+    with remote or nullcontext(), tarfile.open(path if remote is None else None, "r:", fileobj=remote) as tar:
         for member in tar:
             parts = split_member_name(member.name) if member.isfile() else None
             if parts is None:
@@ -116,7 +128,12 @@ def read_member(file: BinaryIO, offset: int, size: int, source: str) -> bytes:
     return data
 
 
+def open_tar(path: str | os.PathLike) -> BinaryIO:
+    """A tar shard opened for ``read_member`` (a ranged reader for one in object storage)."""
+    return open_input(RemotePath(os.fspath(path)), READ_BLOCK) if is_remote(path) else open(path, "rb")  # noqa: SIM115
+
+
 def read_tar_member(path: str | os.PathLike, offset: int, size: int, source: str) -> bytes:
     """``read_member`` on the tar file at ``path``, opened for this one read."""
-    with open(path, "rb") as f:
+    with open_tar(path) as f:
         return read_member(f, offset, size, source)

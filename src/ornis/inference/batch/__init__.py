@@ -37,6 +37,14 @@ blocks nothing: the next run, whatever its job, starts it afresh.
 Two runs started into one folder share the work: a run that finds another one working there (``lease``) joins its
 claim attempt instead of starting a new one, and one with another job is refused with a message naming the first.
 
+Inputs and the output folder may be in object storage: any fsspec URL (``s3://bucket/photos/``, ``gs://...``; see
+``ornis.utils.storage``), local paths staying as they are. A folder is a prefix listing, a tar is read by ranged
+reads (never copied whole), and the output works the same with a PUT for a rename: a part object, written whole after
+its shard's errors object, is the commit; the plan, the manifest and ``_errors.jsonl`` are written whole by the run's
+main process, the manifest reconciled from the listed parts at the start and the end (workers never rewrite it). There
+is no lock, lease or claim in a store: one process (or Ray workers handed their ``shard_ids``) writes into such a
+folder, ``torchrun`` ranks are refused there, and two runs started into it at once are not detected.
+
 Under ``torchrun`` every rank runs the same call: rank 0 resolves and hashes the checkpoint and plans, then each rank
 claims shards one at a time through an exclusive-create file per shard (``_claims/<attempt>/NNNNN``), so fast ranks
 take more shards; the process group (gloo) only carries barriers and the totals. ``ornis.inference.ray_runner`` runs

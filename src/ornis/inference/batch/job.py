@@ -14,6 +14,7 @@ import torch
 from ornis.data.decode import DecodeOptions
 from ornis.errors import OrnisError
 from ornis.inference.batch.layout import ERRORS
+from ornis.utils.storage import RemotePath, same_place
 
 TASKS = ("embed", "classify")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
@@ -103,7 +104,7 @@ def identity_diff(found: dict[str, Any], identity: dict[str, Any]) -> list[str]:
 
 
 def _resolved(inputs: Sequence[str]) -> list[str]:
-    return [os.path.realpath(i) for i in inputs]
+    return [same_place(i) for i in inputs]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -203,7 +204,7 @@ class WorkerStats:
 class BatchSummary:
     """What a run did. ``done`` images embedded / classified now, ``skipped`` already done before (resume)."""
 
-    out: Path
+    out: Path | RemotePath  # the output folder (a URL's RemotePath in object storage)
     done: int
     skipped: int
     errors: int

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ornis.utils.storage import Location
+
 MANIFEST = "_manifest.json"
 MANIFEST_LOCK = "_manifest.lock"
 PLAN = "_plan.parquet"
@@ -18,21 +20,21 @@ def part_name(shard_id: int) -> str:
     return f"part-{shard_id:05d}.parquet"
 
 
-def errors_path(out: Path, shard_id: int) -> Path:
+def errors_path(out: Location, shard_id: int) -> Location:
     """The errors of one shard: ``_errors/part-NNNNN.jsonl``."""
     return out / ERRORS_DIR / f"part-{shard_id:05d}.jsonl"
 
 
-def plan_errors_path(out: Path) -> Path:
+def plan_errors_path(out: Location) -> Location:
     """Inputs that could not be read while planning (an unreadable tar): ``_errors/plan.jsonl``."""
     return out / ERRORS_DIR / "plan.jsonl"
 
 
-def features_path(out: Path, shard_id: int, stage: str) -> Path:
+def features_path(out: Location, shard_id: int, stage: str) -> Location:
     """A shard's feature maps of ``stage``: ``_features/part-NNNNN.STAGE.npy``, rows as in its part file."""
     return out / FEATURES_DIR / f"part-{shard_id:05d}.{stage}.npy"
 
 
-def is_temporary(path: Path) -> bool:
+def is_temporary(path: Path) -> bool:  # only local folders have temporaries: an object is written by one PUT
     """A temporary file a killed run left behind (``ornis.utils.fs.atomic_path`` names them ``.NAME.PID.HEX.tmp``)."""
     return path.name.startswith(".") and ".tmp" in path.name

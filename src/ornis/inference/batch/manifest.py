@@ -1,5 +1,8 @@
 """``_manifest.json``: the job, the checkpoint, the shards and their status. The one reader (with its format check)
-and writer of it; every change goes through ``updating_manifest``, under the folder's lock, rewritten atomically."""
+and writer of it; every change goes through ``updating_manifest``, under the folder's lock, rewritten atomically.
+
+In object storage there is no lock: the manifest is written whole (one PUT) by the one process that prepares and
+finalizes the run, from the part objects (the truth); workers never rewrite it."""
 
 from __future__ import annotations
 
@@ -7,13 +10,12 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ornis.errors import OrnisError
 from ornis.inference.batch.layout import MANIFEST, MANIFEST_LOCK
-from ornis.utils.fs import atomic_write_json
 from ornis.utils.locks import file_lock
+from ornis.utils.storage import Location, RemotePath, read_bytes, write_bytes
 
 MANIFEST_FORMAT = 1
 
@@ -83,7 +85,7 @@ class Manifest:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], path: Path) -> Manifest:
+    def from_json(cls, d: dict[str, Any], path: Location) -> Manifest:
         """Parse a manifest's JSON; ``OutputFolderError`` naming ``path`` for another format or a missing key."""
         if d.get("format") != MANIFEST_FORMAT:
             raise OutputFolderError(f"{path}: manifest format {d.get('format')!r}, expected {MANIFEST_FORMAT}")
@@ -97,19 +99,21 @@ class Manifest:
             raise OutputFolderError(f"{path}: manifest has no {e.args[0]!r} entry") from None
 
 
-def read_manifest(out: Path) -> Manifest | None:
+def read_manifest(out: Location) -> Manifest | None:
     """The manifest of output folder ``out``, ``None`` when there is none yet."""
     path = out / MANIFEST
-    if not path.exists():
+    try:
+        text = read_bytes(path).decode()
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise OutputFolderError(f"{path}: not a JSON manifest ({e})") from None
     return Manifest.from_json(data, path)
 
 
-def load_manifest(out: Path) -> Manifest:
+def load_manifest(out: Location) -> Manifest:
     """The manifest of a prepared output folder; ``OutputFolderError`` when it has none."""
     manifest = read_manifest(out)
     if manifest is None:
@@ -117,20 +121,24 @@ def load_manifest(out: Path) -> Manifest:
     return manifest
 
 
-def write_manifest(out: Path, manifest: Manifest) -> None:
+def write_manifest(out: Location, manifest: Manifest) -> None:
     """Replace ``out``'s manifest atomically (hold ``manifest_lock`` around the read-modify-write)."""
-    atomic_write_json(out / MANIFEST, manifest.to_json())
+    write_bytes(out / MANIFEST, json.dumps(manifest.to_json(), indent=1).encode("utf-8"))
 
 
 @contextmanager
-def manifest_lock(out: Path) -> Iterator[None]:
-    """The folder's lock: every process that changes the manifest holds it (ranks, Ray tasks, other nodes)."""
+def manifest_lock(out: Location) -> Iterator[None]:
+    """The folder's lock: every process that changes the manifest holds it (ranks, Ray tasks, other nodes). Object
+    storage has none: there only the run's main process writes the manifest (see the module doc)."""
+    if isinstance(out, RemotePath):
+        yield
+        return
     with file_lock(out / MANIFEST_LOCK):
         yield
 
 
 @contextmanager
-def updating_manifest(out: Path) -> Iterator[Manifest]:
+def updating_manifest(out: Location) -> Iterator[Manifest]:
     """Read the manifest under the lock, let the block change it, and write it back."""
     with manifest_lock(out):
         manifest = load_manifest(out)

@@ -13,6 +13,7 @@ import torch
 from ornis.errors import OrnisError
 from ornis.inference.batch.job import BatchJob, BatchSummary, WorkerStats, check_device_available, make_job
 from ornis.inference.batch.output import PreparedOutput, finalize_output, prepare_output
+from ornis.inference.batch.sampler import check_claims_possible
 from ornis.inference.batch.worker import run_worker
 from ornis.utils.distributed import (
     all_reduce_max,
@@ -49,6 +50,7 @@ def run_batch(job: BatchJob) -> BatchSummary:
     dist = init_distributed("gloo")
     prepared: PreparedOutput | None = None
     try:
+        check_claims_possible(job.out, dist.world_size)  # every rank refuses alike, before anything is written
         failure: Exception | None = None
         if dist.is_main:
             try:

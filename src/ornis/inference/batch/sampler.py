@@ -5,13 +5,24 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from torch.utils.data import Sampler
 
 from ornis.inference.batch.layout import CLAIMS_DIR, errors_path, part_name
 from ornis.inference.batch.manifest import Manifest, OutputFolderError, ShardEntry
-from ornis.utils.fs import read_jsonl
+from ornis.utils.storage import Location, RemotePath, location, read_jsonl
+
+
+def check_claims_possible(out: Location | str, world_size: int, shard_ids: Sequence[int] | None = None) -> None:
+    """``OutputFolderError`` for processes that would share an output folder in object storage by claiming shards:
+    claims are exclusive creates of files, which only a POSIX folder gives. One process, or workers handed explicit
+    ``shard_ids`` (Ray actors), need no claims."""
+    if world_size > 1 and shard_ids is None and isinstance(location(out), RemotePath):
+        raise OutputFolderError(
+            f"{out}: {world_size} processes cannot share an output folder in object storage (shards are claimed "
+            "through files, which needs a POSIX folder); run one process, hand each worker its shard_ids, or write "
+            "to a shared file system"
+        )
 
 
 class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -20,12 +31,13 @@ class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
     DataLoader pulls batches lazily, so a rank claims its next shard only when it is ready for it. Batches never
     span two shards, so their make-up (and the floating-point result) does not depend on which rank ran them.
 
-    With ``shard_ids`` it takes exactly those shards, without claiming. ``expected`` maps each shard taken to the
-    indices handed out for it, so the writer knows when a shard is complete."""
+    With ``shard_ids`` it takes exactly those shards, without claiming; the one process of a run into object storage
+    (``check_claims_possible``) takes every shard without a part, also without claiming. ``expected`` maps each shard
+    taken to the indices handed out for it, so the writer knows when a shard is complete."""
 
     def __init__(
         self,
-        out: Path,
+        out: Location | str,
         manifest: Manifest,
         batch_size: int,
         *,
@@ -33,13 +45,13 @@ class ClaimingBatchSampler(Sampler[list[tuple[int, int]]]):
         shard_ids: Sequence[int] | None = None,
         rank: int = 0,
     ) -> None:
-        self.out = out
+        self.out = location(out)
         self.rank = rank
-        self.claims = out / CLAIMS_DIR / str(manifest.attempt)
+        self.claims = self.out / CLAIMS_DIR / str(manifest.attempt)
         self.shards = [s for s in manifest.shards if shard_ids is None or s.id in shard_ids]
         self.batch_size = batch_size
         self.retry_errors = retry_errors
-        self.claim = shard_ids is None
+        self.claim = shard_ids is None and not isinstance(self.out, RemotePath)
         self.expected: dict[int, list[int]] = {}
 
     def _indices(self, shard: ShardEntry) -> list[int] | None:

@@ -20,10 +20,11 @@ from ornis.inference.batch.manifest import load_manifest
 from ornis.inference.batch.model import ResolvedModel, load_model
 from ornis.inference.batch.records import Batch, Outputs, collate_batch
 from ornis.inference.batch.runner import ModelRunner
-from ornis.inference.batch.sampler import ClaimingBatchSampler
+from ornis.inference.batch.sampler import ClaimingBatchSampler, check_claims_possible
 from ornis.inference.batch.writer import ShardWriter
 from ornis.utils.distributed import DistInfo, default_device, default_num_workers
 from ornis.utils.progress import progress_bar, progress_enabled
+from ornis.utils.storage import Location, location
 
 _BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} images {rate_fmt}  ETA {remaining}"
 
@@ -50,7 +51,7 @@ class BatchWorker:
         started = time.perf_counter()
         self.job = job
         self.dist = dist or DistInfo()
-        self.out = Path(job.out)
+        self.out = location(job.out)
         self.model = model or ResolvedModel.from_manifest(load_manifest(self.out), job)
         check_device_available(job.device)
         device = _device(job, self.dist)
@@ -63,6 +64,7 @@ class BatchWorker:
         timings of this call (the first call's wall time includes loading the model)."""
         started = time.perf_counter()
         job, dist, out = self.job, self.dist, self.out
+        check_claims_possible(out, dist.world_size, shard_ids)
         manifest = load_manifest(out)
         batch_size = job.batch_size or (256 if self.runner.device.type == "cuda" else 32)
         sampler = ClaimingBatchSampler(
@@ -73,8 +75,9 @@ class BatchWorker:
         pending = manifest.pending_count if not job.retry_errors else 0
         enabled = dist.is_main and progress_enabled(job.progress)
         # The lease tells a run that starts meanwhile to share this attempt's claims rather than reset them
+        leased = isinstance(out, Path) and manifest.attempt  # object storage has no leases
         with (
-            AttemptLease(out / CLAIMS_DIR / manifest.attempt) if manifest.attempt else nullcontext(),
+            AttemptLease(out / CLAIMS_DIR / manifest.attempt) if leased else nullcontext(),
             BatchProgress(pending, dist.world_size, enabled=enabled, desc=job.task) as progress,
         ):
             stats = _pipeline(loader, self.runner, writer, progress)
@@ -94,7 +97,9 @@ def _device(job: BatchJob, dist: DistInfo) -> torch.device:
     return device
 
 
-def _loader(out: Path, job: BatchJob, runner: ModelRunner, sampler: ClaimingBatchSampler, dist: DistInfo) -> DataLoader:
+def _loader(
+    out: Location, job: BatchJob, runner: ModelRunner, sampler: ClaimingBatchSampler, dist: DistInfo
+) -> DataLoader:
     dataset = ShardDataset(out / PLAN, runner.cpu_transform, job.decode, raw_jpeg=job.decode_on_device)
     # torchrun says how many ranks share this machine's CPUs; Ray tasks get their CPUs through num_workers
     workers = default_num_workers(runner.device) if job.num_workers is None else job.num_workers

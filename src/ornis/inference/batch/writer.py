@@ -1,7 +1,13 @@
-"""Rows collected per shard and committed as a Parquet part file (with the shard's errors and feature maps)."""
+"""Rows collected per shard and committed as a Parquet part file (with the shard's errors and feature maps).
+
+The part is the commit: written to a temporary file and renamed on this machine, or sent whole in one PUT to object
+storage (a store shows an object whole or not at all), always after the shard's errors and feature maps, so a part
+that exists has them. Only in a local folder does the writer also mark the shard done in the manifest (under its
+lock); in object storage the main process reconciles the manifest from the part objects at the start and the end."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +23,7 @@ from ornis.inference.batch.layout import PLAN, errors_path, features_path, part_
 from ornis.inference.batch.manifest import updating_manifest
 from ornis.inference.batch.records import Batch, FailedSample, Outputs, Row
 from ornis.inference.batch.runner import ModelRunner
-from ornis.utils.fs import atomic_path, atomic_write_jsonl
+from ornis.utils.storage import Location, committed, location, open_for_write, read_bytes, write_jsonl
 
 
 class ShardWriter:
@@ -27,13 +33,13 @@ class ShardWriter:
 
     def __init__(
         self,
-        out: Path,
+        out: Location | str,
         job: BatchJob,
         runner: ModelRunner,
         expected: Mapping[int, Sequence[int]],
         checkpoint_sha256: str,
     ) -> None:
-        self.out = out
+        self.out = location(out)
         self.job = job
         self.runner = runner
         self.expected = expected
@@ -76,26 +82,27 @@ class ShardWriter:
         table = self._table(rows)
         if self.job.features:
             self._write_features(shard, rows)
-        atomic_write_jsonl(errors_path(self.out, shard), [e.record() for e in errors])
-        with atomic_path(part, suffix="") as tmp:
+        write_jsonl(errors_path(self.out, shard), [e.record() for e in errors])
+        with committed(part) as tmp:
             pq.write_table(table, tmp)
-        # The rename above is the commit: from here on the shard is done
-        with updating_manifest(self.out) as manifest:
-            manifest.shards[shard].mark_done(rows=len(rows), errors=len(errors))
+        # The rename (or PUT) above is the commit: from here on the shard is done
+        if isinstance(self.out, Path):
+            with updating_manifest(self.out) as manifest:
+                manifest.shards[shard].mark_done(rows=len(rows), errors=len(errors))
 
     def _write_features(self, shard: int, rows: list[Row]) -> None:
         assert self.job.features is not None
         feats = np.stack([r.outputs.features for r in rows]) if rows else np.zeros((0,), np.float32)
         dtype = np.float16 if self.job.embedding_dtype == "float16" else np.float32
-        with atomic_path(features_path(self.out, shard, self.job.features), suffix="") as tmp, open(tmp, "wb") as f:
+        with committed(features_path(self.out, shard, self.job.features)) as tmp, open_for_write(tmp) as f:
             np.save(f, feats.astype(dtype))
 
-    def _merge_existing(self, shard: int, part: Path, new_rows: list[Row]) -> list[Row]:
+    def _merge_existing(self, shard: int, part: Location, new_rows: list[Row]) -> list[Row]:
         plan = read_plan_shard(self.out / PLAN, shard)
         order = {utf8_name(item.key): i for i, item in enumerate(plan)}
-        old = pq.read_table(part).to_pylist()
+        old = pq.read_table(_readable(part)).to_pylist()
         fresh = {utf8_name(r.key) for r in new_rows}
-        feats = np.load(features_path(self.out, shard, self.job.features)) if self.job.features else None
+        feats = np.load(_readable(features_path(self.out, shard, self.job.features))) if self.job.features else None
         merged = list(new_rows)
         for j, row in enumerate(old):
             if row["path"] in fresh:
@@ -143,3 +150,8 @@ class ShardWriter:
             "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1), pa.float32()), k),
             "label_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), k),
         }
+
+
+def _readable(where: Location) -> Path | io.BytesIO:
+    """What ``pq.read_table`` / ``np.load`` read: the local path, or the object's bytes."""
+    return where if isinstance(where, Path) else io.BytesIO(read_bytes(where))
