@@ -50,7 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"file format (default: {DEFAULT_FILE_FORMAT})",
     )
     dl.add_argument("--cache", help="cache folder")
-    dl.add_argument("--base-url", help="mirror to fetch from ({name} is filled in); default $ORNIS_BASE_URL")
+    dl.add_argument(
+        "--base-url",
+        help="Hugging Face hub endpoint or mirror to fetch from, like HF_ENDPOINT; default $ORNIS_BASE_URL",
+    )
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
     dl.add_argument("--force", action="store_true", help="drop a cached copy first and fetch again")
     dl.set_defaults(func=run_download)

@@ -126,7 +126,7 @@ def _download(source: HubFile, dst: Path, expected: WeightsFile, hub_cache: Path
     # Imported here: `import ornis` and the offline demo never pay for the HTTP stack
     import httpx2
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, XetDownloadError
 
     try:
         with _without_telemetry():
@@ -139,7 +139,7 @@ def _download(source: HubFile, dst: Path, expected: WeightsFile, hub_cache: Path
                 library_name=LIBRARY_NAME,
                 tqdm_class=_bar_class(dst.name, progress),
             )
-    except (httpx2.HTTPError, EntryNotFoundError, OSError, ValueError) as e:
+    except (httpx2.HTTPError, EntryNotFoundError, XetDownloadError, OSError, ValueError) as e:
         raise WeightsNotFoundError(unavailable(source, dst, expected, hub_failure(e, source))) from None
     return Path(pointer)
 
