@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ornis.models.base import Encoder
-from ornis.models.capabilities import MaskedTokenOmission, require
+from ornis.models.capabilities import MaskedTokenOmission, require, visible_cells
 from ornis.models.vit import EncoderBlock, ViTConfig
 from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source, train_transform
@@ -38,7 +38,7 @@ log = logging.getLogger("ornis.train")
 def random_unit_mask(batch: int, num_units: int, mask_ratio: float, device: torch.device) -> torch.Tensor:
     """(B, num_units) bool, True where hidden; exactly ``round(num_units * mask_ratio)`` hidden per image, so the
     visible tokens of a batch stack into one tensor."""
-    num_hidden = int(round(num_units * mask_ratio))
+    num_hidden = hidden_units(num_units, mask_ratio)
     if not 0 < num_hidden < num_units:
         raise ValueError(
             f"mask ratio {mask_ratio} hides {num_hidden} of {num_units} mask units; hide at least one, keep one"
@@ -47,6 +47,11 @@ def random_unit_mask(batch: int, num_units: int, mask_ratio: float, device: torc
     mask = torch.zeros(batch, num_units, dtype=torch.bool, device=device)
     mask.scatter_(1, order[:, :num_hidden], True)
     return mask
+
+
+def hidden_units(num_units: int, mask_ratio: float) -> int:
+    """How many of ``num_units`` mask units a mask of ``mask_ratio`` hides (the same in every row)."""
+    return int(round(num_units * mask_ratio))
 
 
 def units_to_tokens(mask: torch.Tensor, units_grid: tuple[int, int], unit: int) -> torch.Tensor:
@@ -153,9 +158,12 @@ class MaskedAutoencoder(nn.Module):
         """The decoder's mask token and position table."""
         return {"mask_token", "decoder_pos_embed"}
 
-    def encode_visible(self, images: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """(B, n_visible, width): the encoder's output for the visible decoder positions, in row-major order."""
-        scales = self.encoder.masked_omission(images, token_mask)  # visible cells in ascending order
+    def encode_visible(
+        self, images: torch.Tensor, token_mask: torch.Tensor, num_hidden: int | None = None
+    ) -> torch.Tensor:
+        """(B, n_visible, width): the encoder's output for the visible decoder positions, in row-major order.
+        ``num_hidden``: the hidden tokens per row, when known on the host (no device sync)."""
+        scales = self.encoder.masked_omission(images, token_mask, num_hidden)  # visible cells in ascending order
         if self.fusion_heads is None:
             final = scales[-1]
             return final.reshape(*final.shape[:2], final.shape[-1])
@@ -176,7 +184,9 @@ class MaskedAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor, unit_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, token_mask). Images must have the encoder's size; ``unit_mask`` (B, units), True = hidden, is
         drawn here when not given (the recipe draws it per sample in the data pipeline instead, see
-        ``MaskedSample``)."""
+        ``MaskedSample``); either way it hides ``hidden_units(units, mask_ratio)`` units in every row, which keeps
+        the step free of host syncs (the visible tokens' positions come from a stable argsort, not a boolean
+        index)."""
         B = images.shape[0]
         if tuple(images.shape[-2:]) != tuple(self.encoder.size):
             raise ValueError(f"MIM images must be {self.encoder.size}, got {tuple(images.shape[-2:])}")
@@ -184,9 +194,11 @@ class MaskedAutoencoder(nn.Module):
         if unit_mask is None:
             unit_mask = random_unit_mask(B, units[0] * units[1], self.mask_ratio, images.device)
         token_mask = units_to_tokens(unit_mask, units, self.mask_unit)
-        visible = self.decoder_embed(self.encode_visible(images, token_mask))
-        full = self.mask_token.to(visible.dtype).expand(B, token_mask.shape[1], -1).clone()
-        full[~token_mask] = visible.reshape(-1, visible.shape[-1])
+        num_hidden = hidden_units(units[0] * units[1], self.mask_ratio) * self.mask_unit**2
+        visible = self.decoder_embed(self.encode_visible(images, token_mask, num_hidden))
+        full = self.mask_token.to(visible.dtype).expand(B, token_mask.shape[1], -1)
+        where = visible_cells(token_mask, num_hidden).unsqueeze(-1).expand(-1, -1, visible.shape[-1])
+        full = full.scatter(1, where, visible)
         x = full + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
