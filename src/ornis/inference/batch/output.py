@@ -120,11 +120,17 @@ def prepare_output(
             write_jsonl(plan_errors_path(out), records)
             manifest, problems = _new_manifest(job, model, shards), len(found)
         held = None
-        if isinstance(out, Path):
+        if isinstance(out, Path) and claims:
             if not live:
                 _start_attempt(out, manifest)
             held = AttemptLease(out / CLAIMS_DIR / str(manifest.attempt))
         else:
+            if live:  # a run claiming shards here now: a driver that does not claim would do them again
+                who = owner(out / CLAIMS_DIR / str(manifest.attempt))
+                raise OutputFolderError(f"{out}: another run ({who}) is working in it; wait for it to end")
+            if isinstance(out, Path):  # a Ray driver: what a killed run left is cleared, no new attempt
+                _remove_temporary_files(out)
+                shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
             manifest.attempt = None  # no claims in object storage: the run's one process takes every shard
         write_manifest(out, manifest)
     return PreparedOutput(manifest.done_rows, model, held, problems)
