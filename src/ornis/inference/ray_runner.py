@@ -5,8 +5,10 @@ The driver prepares the output folder (plan, manifest, the checkpoint resolved a
 one actor per GPU (or per few CPUs, ``ray_actors.plan_actors``) that loads the model once, and hands each idle actor
 the next pending shard. An actor that dies (a lost node, an out-of-memory kill) is restarted by Ray, which runs its
 shard again (``max_task_retries``); a part file is written whole and renamed, so a shard run twice is still there
-once. The driver gets every shard's result back and records the finished ones in the manifest (the actors write only
-their part and errors files), then reconciles and merges the errors as every run does.
+once. The driver gets every shard's result back and records the finished ones in the manifest, then reconciles and
+merges the errors as every run does. The output folder is one every node reaches: a shared filesystem, or object
+storage (an ``s3://`` / ``gs://`` URL), where the actors write only their own part and errors objects and the driver
+is the manifest's only writer, so nothing needs a lock.
 
 Why one's own loop over actors rather than Ray Data's ``map_batches``: the unit of work is a shard that an actor
 writes to the output itself (Parquet part, errors, features, with the checkpoint's metadata), not a stream of rows
@@ -21,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -30,10 +31,11 @@ from ornis.errors import OrnisError
 from ornis.inference.batch import BatchJob, BatchProgress, BatchSummary, WorkerStats, finalize_output, prepare_output
 from ornis.inference.batch.layout import errors_path, part_name
 from ornis.inference.batch.manifest import Manifest, load_manifest, updating_manifest
+from ornis.inference.batch.output import FOOTER_BLOCK
 from ornis.inference.ray_actors import ShardActor, plan_actors
 from ornis.utils.distributed import DistInfo
-from ornis.utils.fs import read_jsonl
 from ornis.utils.progress import progress_enabled
+from ornis.utils.storage import Location, location, open_input, read_jsonl
 
 log = logging.getLogger("ornis.inference.batch")
 
@@ -58,7 +60,7 @@ def run_with_ray(
         ray.init(address=address, **(init_kwargs or {}))
     plan = plan_actors(ray.cluster_resources(), job, num_actors=num_actors, cpus_per_actor=cpus_per_actor)
     prepared = prepare_output(job, claims=False)  # the checkpoint is resolved and hashed here, once
-    out = Path(job.out)
+    out = location(job.out)
     before = load_manifest(out)
     todo = [s.id for s in before.shards if s.status != "done" or (job.retry_errors and s.errors)]
     actor_class = ray.remote(ShardActor).options(
@@ -130,7 +132,7 @@ class _Recorder:
     """The driver's record of finished shards in the manifest, written at most every ``RECORD_EVERY_S`` seconds
     and at the end: the one place a Ray run updates the manifest while it runs."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Location) -> None:
         self.out = out
         self.pending: list[int] = []
         self.last = time.monotonic()
@@ -148,12 +150,13 @@ class _Recorder:
         self.pending, self.last = [], time.monotonic()
 
 
-def record_finished(out: Path, shard_ids: Iterable[int]) -> None:
-    """Mark ``shard_ids`` done in ``out``'s manifest, with the rows of their part files and the lines of their
-    errors files."""
+def record_finished(out: Location, shard_ids: Iterable[int]) -> None:
+    """Mark ``shard_ids`` done in ``out``'s manifest (a folder or object storage), with the rows of their part files
+    and the lines of their errors files. In object storage the driver is the manifest's only writer."""
     with updating_manifest(out) as manifest:
         for i in shard_ids:
-            rows = pq.ParquetFile(out / part_name(i)).metadata.num_rows
+            with open_input(out / part_name(i), FOOTER_BLOCK) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
             manifest.shards[i].mark_done(rows, len(read_jsonl(errors_path(out, i))))
 
 
