@@ -14,11 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import torch_threads
 from PIL import Image
+from support.s3 import ENV as S3_ENV
+from support.s3 import S3Server, running_s3_server
 
 import ornis
 from ornis.cli.main import main
@@ -67,7 +70,17 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray(faults: Path) -> Iterator[None]:
+def s3() -> Iterator[S3Server | None]:
+    """moto's S3 server when the object-storage test extra is installed, else None (that test skips)."""
+    if importlib.util.find_spec("s3fs") is None or importlib.util.find_spec("moto") is None:
+        yield None
+        return
+    with running_s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def local_ray(faults: Path, s3: S3Server | None) -> Iterator[None]:
     ray = pytest.importorskip("ray")
     tests = str(Path(__file__).parent)  # so that the workers can import this module's hook
     env = {
@@ -76,6 +89,8 @@ def local_ray(faults: Path) -> Iterator[None]:
         FAULTS_ENV: str(faults),
         "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p),
     }
+    if s3 is not None:  # the actors reach the same server the driver does
+        env.update({k: os.environ[k] for k in (*S3_ENV, "AWS_ENDPOINT_URL")})
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -101,7 +116,7 @@ def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, photos
 
 
-def _job(job_inputs: tuple[Path, Path], out: Path) -> BatchJob:
+def _job(job_inputs: tuple[Path, Path], out: Path | str) -> BatchJob:
     ckpt, photos = job_inputs
     return make_job(
         [photos], model=ckpt, out=out, shard_size=2, batch_size=2, num_workers=0, progress=False, device="cpu"
@@ -175,6 +190,31 @@ def test_actor_killed_mid_run(local_ray, faults: Path, job_inputs, single, tmp_p
     # the restarted actor (a new process) writes it
     assert sorted(s for _, s in commits) == list(range(13))
     assert len({pid for pid, _ in commits}) == (3 if request_file == "before-commit" else 2)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_output_in_object_storage(local_ray, s3: S3Server | None, faults: Path, job_inputs, single) -> None:
+    """No shared filesystem: the actors PUT their parts into a bucket, the driver writes the manifest; an actor killed
+    after a PUT has its shard found done when Ray runs it again."""
+    from ornis.inference.ray_runner import run_with_ray
+
+    if s3 is None:
+        pytest.skip("needs s3fs and moto[server] (the test extra)")
+    _commits(faults)
+    (faults / "after-commit").touch()
+    bucket = s3.make_bucket("ray")
+    summary = run_with_ray(_job(job_inputs, f"{bucket}/emb"), num_actors=2)
+    killed = list(faults.glob("after-commit.taken-by-*"))
+    assert len(killed) == 1, "an actor was killed"
+    killed[0].unlink()
+    assert (summary.done, summary.errors, summary.shards_done) == (24, 1, 13)
+    table = ds.dataset("ray/emb", format="parquet", filesystem=s3.arrow_filesystem()).to_table()
+    _assert_same_rows(sorted((r["path"], r["embedding"], r["width"], r["height"]) for r in table.to_pylist()), single)
+    keys = s3.keys(f"{bucket}/emb")
+    assert not [k for k in keys if k.startswith("_claims") or ".tmp" in k]
+    assert s3.filesystem().cat("ray/emb/_manifest.json").decode().count('"status": "done"') == 13
+    assert sorted(s for _, s in _commits(faults)) == list(range(13))  # each part PUT once
 
 
 @needs_ray
