@@ -284,13 +284,20 @@ class DinoV2Recipe(Recipe):
             self.collapse_warned = True
             log.warning(
                 "step %d: the DINO loss %.4f is still within 1%% of ln K = %.4f (target entropy %.3f): the targets "
-                "are near uniform and the DINO term carries no signal; try softmax centring, a lower teacher "
-                "temperature or fewer prototypes (--out-dim)",
+                "are near uniform and the DINO term carries no signal (the teacher's class tokens barely differ "
+                "between images); %s",
                 step + 1,
                 entry["dino"],
                 ln_k,
                 entry.get("target_entropy", float("nan")),
+                self._collapse_advice(),
             )
+
+    def _collapse_advice(self) -> str:
+        """What to change, given what this run already uses."""
+        tips = [] if self.config.centering == "softmax" else ["softmax centring (--centering softmax)"]
+        tips += ["a lower teacher temperature (--teacher-temp)", "fewer prototypes (--out-dim)", "more steps"]
+        return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
 
     def after_step(self, step: int) -> None:
         """The teacher follows the student."""
