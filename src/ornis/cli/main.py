@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed usage and `ornis COMMAND: error: ...` (or --help, --version)
         return 0 if e.code is None else e.code if isinstance(e.code, int) else USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not (args.verbose or debug):
+        # huggingface_hub's retry and resume chatter would come before the one line a failure ends in; it reads
+        # this when first imported (a download), and the user's own setting wins
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if not getattr(args, "func", None):
         parser.print_help()
         return USAGE
