@@ -4,6 +4,7 @@ an uninterrupted run, the output read straight from the bucket by pyarrow's own 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -138,6 +139,27 @@ def test_tars_in_a_bucket(s3_server: S3Server, photos, checkpoint: Path, tmp_pat
     assert [e["path"] for e in problems] == [f"{bucket}/shards/shard-001.tar"]
     assert problems[0]["reason"] == "unreadable tar (ReadError: unexpected end of data)"  # as from local disk
     assert (summary.done, summary.errors) == (len(good), 1)
+
+
+def test_retry_errors_in_a_bucket(s3_server: S3Server, photos, checkpoint: Path) -> None:
+    root, good, _ = photos
+    bucket = s3_server.make_bucket("retry")
+    s3_server.upload(root / "good", f"{bucket}/photos/")
+    fs = s3_server.filesystem()
+    fs.pipe_file("retry/photos/late.jpg", b"not yet a photo")
+    first = embed([f"{bucket}/photos/"], model=checkpoint, out=f"{bucket}/emb", device="cpu", **OPTS)
+    assert [e["path"] for e in read_errors(f"{bucket}/emb")] == [f"{bucket}/photos/late.jpg"]
+    fs.pipe_file("retry/photos/late.jpg", (root / "good" / "rgb.jpg").read_bytes())  # fixed in the bucket
+    retried = embed(
+        [f"{bucket}/photos/"], model=checkpoint, out=f"{bucket}/emb", retry_errors=True, device="cpu", **OPTS
+    )
+    assert (first.done, first.errors, retried.done, retried.errors) == (len(good), 1, 1, 0)
+    assert read_errors(f"{bucket}/emb") == []
+    rows = _rows(pq.read_table("retry/emb", filesystem=s3_server.arrow_filesystem()))
+    assert len(rows) == len(good) + 1 and rows[f"{bucket}/photos/late.jpg"] == rows[f"{bucket}/photos/rgb.jpg"]
+    manifest = json.loads(fs.cat_file("retry/emb/_manifest.json"))
+    assert sum(s["rows"] for s in manifest["shards"]) == len(good) + 1  # recounted from the rewritten part
+    assert sum(s["errors"] for s in manifest["shards"]) == 0
 
 
 def test_missing_bucket_is_one_line(s3_server: S3Server, photos, checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -37,10 +37,11 @@ def register(subparsers: Any) -> None:
             "inputs",
             nargs="+",
             metavar="INPUT",
-            help="folders, glob patterns, .txt/.csv/.parquet file lists, webdataset .tar shards",
+            help="folders, glob patterns, .txt/.csv/.parquet file lists, webdataset .tar shards; local paths or "
+            "URLs (s3://bucket/photos/, gs://...; pip install 'ornis[s3]' / 'ornis[gcs]')",
         )
         p.add_argument("-m", "--model", required=True, help="published weights name or checkpoint path")
-        add_output_argument(p, "output folder", aliases=("--out",))
+        add_output_argument(p, "output folder (a local path or a URL such as s3://bucket/emb)", aliases=("--out",))
         if task == "classify":
             top_k = default_of(BatchJob, "top_k")
             p.add_argument(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -30,6 +31,8 @@ from ornis.errors import OrnisError, first_line
 from ornis.utils.fs import atomic_path, atomic_write_bytes
 
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> the ornis extra that installs it
+# Clients that log each credential lookup at INFO; left at WARNING unless the user set their level
+CHATTY_LOGGERS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "fsspec")
 
 
 class StorageError(OrnisError):
@@ -121,6 +124,10 @@ def location(text: str | os.PathLike | RemotePath) -> Location:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``url`` and the path within it; ``StorageError`` naming the extra to install when its
     backend (s3fs, gcsfs) is missing."""
+    for name in CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError:
