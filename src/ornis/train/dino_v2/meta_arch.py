@@ -128,10 +128,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
-    for t, s in zip(t_params, s_params):
-        t.lerp_(s, 1.0 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+    # One foreach call instead of a Python loop over ~150 tensors; the same lerp kernel, so the same numbers
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    t_buffers, s_buffers = list(teacher.buffers()), list(student.buffers())
+    if t_buffers:
+        torch._foreach_copy_(t_buffers, s_buffers)
 
 
 def teacher_momentum(step: int, total_steps: int, base: float = 0.992, final: float = 1.0) -> float:
