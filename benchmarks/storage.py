@@ -80,10 +80,18 @@ def read_ms(paths: list[Path]) -> dict:
     return times
 
 
-def timed(inputs: list[str], out: str, checkpoint: Path, options: dict) -> dict:
-    """One run's figures."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(inputs: list[str], out: str, checkpoint: Path, options: dict, server_pid: int) -> dict:
+    """One run's figures, with the CPU time the S3 server spent meanwhile (it shares this machine's cores)."""
+    before = cpu_seconds(server_pid)
     summary = embed(inputs, model=checkpoint, out=out, **options)
     return {
+        "server_cpu_s": round(cpu_seconds(server_pid) - before, 2),
         "images_per_s": round(summary.images_per_s, 1),
         "steady_images_per_s": round(summary.done / summary.loop_s, 1) if summary.loop_s else 0.0,
         "wall_s": round(summary.wall_s, 2),
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, inputs in sources.items():
             # A B B A: a drift in the machine's load (other jobs on a shared machine) weighs on both sides alike
             for i, where in enumerate(("local", "s3", "s3", "local")):
-                figures = timed(inputs[where], f"{outs[where]}-{kind}-{i}", checkpoint, options)
+                figures = timed(inputs[where], f"{outs[where]}-{kind}-{i}", checkpoint, options, server.pid)
                 runs.setdefault(f"{kind}_{where}", []).append(figures)
         report = {
             "what": "ornis embed, the same images from local disk and from a local S3 server (moto, HTTP), "

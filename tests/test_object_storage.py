@@ -28,7 +28,7 @@ from ornis.cli.main import main
 from ornis.data.datasets import InputError
 from ornis.inference.batch import OutputFolderError, embed, read_errors
 from ornis.inference.batch.sampler import check_claims_possible
-from ornis.utils.storage import StorageError, filesystem
+from ornis.utils.storage import StorageError, filesystem, read_many
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_PIXELS = 1_000_000  # the test bomb is 2 Mpx
@@ -244,3 +244,41 @@ def test_sigkill_midway_then_rerun_gives_the_same_rows(
     assert len(killed) == 45
     assert len([k for k in s3_server.keys(f"{bucket}/killed") if k.startswith("part-")]) == shards
     assert [e["path"] for e in read_errors(f"{bucket}/killed")] == [broken]
+
+
+def test_a_batch_of_objects_is_fetched_together_and_reads_as_one_by_one(
+    s3_server: S3Server, photos, checkpoint
+) -> None:
+    """The DataLoader's batched fetch (``__getitems__``) reads a batch's objects concurrently; what it returns equals
+    reading them one by one, for good images, bad ones, an object over the size limit and one deleted since the
+    plan was made."""
+    from ornis.data.datasets import ShardDataset, read_plan_shard
+    from ornis.data.decode import DecodeOptions
+    from ornis.utils.storage import RemotePath
+
+    root, good, bad = photos
+    bucket = s3_server.make_bucket("batched")
+    s3_server.upload(root, f"{bucket}/photos/")
+    embed([f"{bucket}/photos/"], model=checkpoint, out=f"{bucket}/emb", device="cpu", **OPTS)
+    plan = RemotePath(f"{bucket}/emb/_plan.parquet")
+    indices = [(shard, i) for shard in range(4) for i in range(len(read_plan_shard(plan, shard)))]
+    s3_server.filesystem().rm_file(f"batched/photos/{good[0]}")  # gone since the plan was made
+    sizes = sorted((root / name).stat().st_size for name in good)
+    to_tensor = lambda image: torch.from_numpy(np.array(image.convert("RGB").resize((8, 8))))  # noqa: E731
+    options = DecodeOptions(max_bytes=sizes[len(sizes) // 2], max_pixels=MAX_PIXELS)  # half the good ones too large
+    dataset = ShardDataset(plan, to_tensor, options)
+    together = dataset.__getitems__(indices)
+    one_by_one = [dataset[index] for index in indices]
+    assert [(s.key, s.ok, s.reason, s.width, s.height) for s in together] == [
+        (s.key, s.ok, s.reason, s.width, s.height) for s in one_by_one
+    ]
+    for a, b in zip(together, one_by_one):
+        assert (a.pixels is None) == (b.pixels is None) and (a.pixels is None or torch.equal(a.pixels, b.pixels))
+    reasons = [s.reason for s in together if not s.ok]
+    assert sum("file not found" in r for r in reasons) == 1
+    assert sum("too large" in r for r in reasons) >= len(good) // 2 - 1
+    assert sum(s.ok for s in together) >= 2
+    # the concurrent read itself: every object there, whole; the deleted one None
+    urls = [f"{bucket}/photos/{name}" for name in good]
+    fetched = read_many(urls, 1 << 30)
+    assert fetched[0] is None and [len(b) for b in fetched[1:]] == [(root / n).stat().st_size for n in good[1:]]
