@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import scale_err
 from PIL import Image
-from support.images import BAD_REASONS, make_bad_images, make_good_images
+from support.images import BAD_REASONS, make_bad_images, make_good_images, noisy_tiny_model
 
 import ornis
 from ornis.cli import embed as embed_command
@@ -43,14 +43,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    net = ornis.build_model("vit_t16", num_classes=7, size=32)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.05)  # no zero-initialised head hiding a mistake in the classify path
-    return ornis.save_model(
-        net, tmp_path_factory.mktemp("ckpt") / "vit_t16_tiny.pt", class_to_idx={f"bird_{i}": i for i in range(7)}
-    )
+    folder = tmp_path_factory.mktemp("ckpt")
+    classes = {f"bird_{i}": i for i in range(7)}
+    return ornis.save_model(noisy_tiny_model(7), folder / "vit_t16_tiny.pt", class_to_idx=classes)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import torch_threads
-from PIL import Image
+from support.images import make_job_inputs
 
-import ornis
 from ornis.inference.batch import embed, read_errors
 
 PYTHON = sys.executable
@@ -24,16 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(0)
-    ckpt = ornis.save_model(ornis.build_model("vit_t16", num_classes=3, size=32), root / "vit_t16_tiny.pt")
-    photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 256, (24 + i % 7, 40, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.jpg")
-    (photos / "zero.jpg").write_bytes(b"")
-    return ckpt, photos
+    return make_job_inputs(tmp_path_factory.mktemp("dist"), 40)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support.images import make_bad_images, make_good_images
+from support.images import make_bad_images, make_good_images, noisy_tiny_model
 from support.s3 import S3Server, running_s3_server
 
 import ornis
@@ -43,12 +43,7 @@ def s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    net = ornis.build_model("vit_t16", num_classes=7, size=32)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.05)
-    return ornis.save_model(net, tmp_path_factory.mktemp("ckpt") / "vit_t16_tiny.pt")
+    return ornis.save_model(noisy_tiny_model(7), tmp_path_factory.mktemp("ckpt") / "vit_t16_tiny.pt")
 
 
 @pytest.fixture(scope="module")

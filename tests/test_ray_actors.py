@@ -17,13 +17,11 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import torch_threads
-from PIL import Image
+from support.images import make_job_inputs
 from support.s3 import ENV as S3_ENV
 from support.s3 import S3Server, running_s3_server
 
-import ornis
 from ornis.cli.main import main
 from ornis.errors import OrnisError
 from ornis.inference.batch import BatchJob, embed, make_job, read_errors
@@ -104,16 +102,7 @@ def local_ray(faults: Path, s3: S3Server | None) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ray")
-    torch.manual_seed(0)
-    ckpt = ornis.save_model(ornis.build_model("vit_t16", num_classes=3, size=32), root / "vit_t16_tiny.pt")
-    photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 256, (24 + i % 7, 40, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.jpg")
-    (photos / "zero.jpg").write_bytes(b"")
-    return ckpt, photos
+    return make_job_inputs(tmp_path_factory.mktemp("ray"), 24)
 
 
 def _job(job_inputs: tuple[Path, Path], out: Path | str) -> BatchJob:

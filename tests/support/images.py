@@ -101,3 +101,36 @@ def make_bad_images(folder: Path) -> dict[str, Path]:
             "bomb": ("bomb.png", encode(Image.new("1", (2000, 1000)), "PNG")),
         },
     )
+
+
+def make_job_inputs(root: Path, count: int) -> tuple[Path, Path]:
+    """A tiny 3-class ``vit_t16`` checkpoint (seed 0) and a folder of ``count`` random JPEGs of a few sizes plus one
+    empty ``zero.jpg``: what the distributed batch tests (torchrun, Ray) embed."""
+    import torch
+
+    import ornis
+
+    torch.manual_seed(0)
+    ckpt = ornis.save_model(ornis.build_model("vit_t16", num_classes=3, size=32), root / "vit_t16_tiny.pt")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (24 + i % 7, 40, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.jpg")
+    (photos / "zero.jpg").write_bytes(b"")
+    return ckpt, photos
+
+
+def noisy_tiny_model(num_classes: int = 7):
+    """A 32 px ``vit_t16`` (seed 0) with every weight drawn from N(0, 0.05): no zero-initialised head hiding a
+    mistake in the classify path."""
+    import torch
+
+    import ornis
+
+    torch.manual_seed(0)
+    net = ornis.build_model("vit_t16", num_classes=num_classes, size=32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    return net
