@@ -72,23 +72,35 @@ def loop(args: argparse.Namespace, out: Path, train: Path, val: Path) -> TrainCo
         eval_every=args.eval_every,
         num_workers=args.workers,
         progress=False,
+        seed=args.seed,
     )
 
 
-def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path) -> dict[str, Any]:
-    """DINOv2 on the protocol of the module docstring."""
-    torch.manual_seed(0)
-    random_init = knn_of(ornis.build_model("vit_t16", size=SIZE, config=VIT), train, val)
+# The DINOv2 protocol's backbones: (architecture, overrides at 32 px). FlexiViT draws its patch size per step
+# from those in its range that tile both crop sizes (4 and 8 here).
+DINO_ARCHS = {
+    "dino-v2": ("vit_t16", VIT),
+    "dino-v2-flexivit": ("flexivit_t16", {"patch_size": 4, "min_patch_size": 4, "max_patch_size": 8}),
+    "dino-v2-hieradet": ("hieradet_d_tiny", {}),
+}
+
+
+def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
+    """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
+    arch, config = DINO_ARCHS[recipe]
+    torch.manual_seed(args.seed)
+    random_init = knn_of(ornis.build_model(arch, size=SIZE, config=config), train, val)
     method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512))
-    opts = DinoV2Options(
-        data=train, arch="vit_t16", model_config=VIT, method=method, crops=MultiCropConfig(SIZE, 16, 4)
-    )
+    opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=MultiCropConfig(SIZE, 16, 4))
     t0 = time.perf_counter()
-    result = train_dino_v2(opts, loop(args, work / "dino", train, val))
+    result = train_dino_v2(opts, loop(args, work / recipe, train, val))
     wall = time.perf_counter() - t0
-    curve = curve_of(result.logs, ("dino", "ibot", "koleo", "target_entropy", "target_max", "agreement"))
+    keys = ("dino", "ibot", "koleo", "target_entropy", "target_max", "agreement")
+    curve = curve_of(result.logs, keys)
     return {
-        "protocol": "vit_t16 patch 4 at 32 px, batch 32, 2 global crops of 32 px + 4 local of 16 px, head 512 / 1024",
+        "protocol": f"{arch} {config} at 32 px, batch {args.batch_size}, 2 global crops of 32 px + 4 local of 16 px, "
+        "head 512 / 1024",
+        "seed": args.seed,
         "knn_random_init": random_init,
         "knn_trained": curve[-1]["knn_top1"],
         "steps": args.steps,
@@ -99,21 +111,31 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path) -> di
     }
 
 
-def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path) -> dict[str, Any]:
-    """MAE on the same ViT."""
-    torch.manual_seed(0)
-    random_init = knn_of(ornis.build_model("vit_t16", size=SIZE, config=VIT), train, val)
-    opts = MIMOptions(train=train, arch="vit_t16", size=SIZE, model_config=VIT)
+# MIM's encoders: (architecture, size, overrides). Hiera masks 32 x 32 px units, so it trains at 128 px (4 x 4 units)
+MIM_ARCHS = {
+    "mim": ("vit_t16", SIZE, VIT),
+    "mim-hiera": ("hiera_tiny", 128, {}),
+}
+
+
+def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
+    """MAE / Hiera-MAE with the recipe's defaults; k-NN at the encoder's training size."""
+    arch, size, config = MIM_ARCHS[recipe]
+    torch.manual_seed(args.seed)
+    encoder = ornis.build_model(arch, size=size, config=config)
+    random_init = KnnMonitor(train, val, (size, size))(encoder, torch.device("cpu"))["knn_top1"]
+    opts = MIMOptions(train=train, arch=arch, size=size, model_config=config)
     t0 = time.perf_counter()
-    result = train_mim(opts, loop(args, work / "mim", train, val))
+    result = train_mim(opts, loop(args, work / recipe, train, val))
     wall = time.perf_counter() - t0
     curve = curve_of(result.logs, ("loss",))
     return {
-        "protocol": "vit_t16 patch 4 at 32 px, batch 32, MAE defaults",
+        "protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE defaults",
         "knn_random_init": random_init,
         "knn_trained": curve[-1]["knn_top1"],
         "steps": args.steps,
         "wall_s": wall,
+        "images_per_s": args.steps * args.batch_size / wall,
         "curve": curve,
     }
 
@@ -151,6 +173,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=43)
     p.add_argument("--log-every", type=int, default=43)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("-o", "--output", default="benchmarks/results/train_quality_cpu.json")
@@ -172,13 +196,13 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
 
-    weights = None
+    weights = args.weights
     for recipe in args.recipes:
-        if recipe == "dino-v2":
-            report["results"]["dino-v2"] = r = run_dino(args, work, train, val)
-            weights = r["checkpoint"]
-        elif recipe == "mim":
-            report["results"]["mim"] = run_mim(args, work, train, val)
+        if recipe in DINO_ARCHS:
+            report["results"][recipe] = r = run_dino(args, work, train, val, recipe)
+            weights = weights or r["checkpoint"]
+        elif recipe in MIM_ARCHS:
+            report["results"][recipe] = run_mim(args, work, train, val, recipe)
         elif recipe == "classify":
             report["results"]["classify"] = run_classify(args, work, train, val, weights)
         save()

@@ -16,6 +16,7 @@ from support.training import HEADS, dino_dataset, dino_recipe, make_shapes, stri
 from ornis.cli.main import main
 from ornis.train.config import TrainConfig
 from ornis.train.dino_v2 import DinoV2Recipe
+from ornis.train.dino_v2.centering import view_correlation
 from ornis.train.loop import run
 from ornis.train.mim import MIMOptions, MIMRecipe
 from ornis.train.optim import cosine_schedule
@@ -123,14 +124,29 @@ def test_collapse_diagnostics_are_logged_and_a_flat_loss_warns(
         assert 1 / HEADS.out_dim - 1e-6 <= entry["target_max"] <= 1.0
         assert 0.0 <= entry["agreement"] <= 1.0
         assert 0.99 <= entry["teacher_momentum"] <= 1.0 and "grad_norm" in entry
+        assert -1.0 <= entry["view_correlation"] <= 1.0
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in lines] == [1, 2, 3] and "target_entropy" in lines[0]
     with caplog.at_level(logging.WARNING, logger="ornis.train"):
         recipe.collapse_warned = False
-        recipe.on_log({"dino": ln_k * 0.995, "target_entropy": ln_k}, step=5)
+        entry = {"dino": ln_k * 0.995, "target_entropy": ln_k, "view_correlation": 0.2, "teacher_temp": 0.04}
+        recipe.on_log(entry, step=5)
         recipe.on_log({"dino": ln_k * 0.995}, step=6)  # once
     warnings = [r for r in caplog.records if "ln K" in r.getMessage()]
     assert len(warnings) == 1 and "within 1%" in warnings[0].getMessage()
+    # the cause, in the logged numbers: agreement 0.2 x sharpening 0.1 / 0.04 = 0.5 < 1
+    assert "agree by 0.20 (view_correlation)" in warnings[0].getMessage()
+    assert "temperature = 2.50: 0.50 below the 1 it needs" in warnings[0].getMessage()
+
+
+def test_view_correlation_counts_agreement_beyond_the_batch_mean() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 256, generator=g), torch.randn(64, 256, generator=g)
+    assert float(view_correlation(torch.cat([a, a]))) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(view_correlation(torch.cat([a, b])))) < 0.05
+    # an offset shared by every image (what centring removes) is not agreement
+    assert abs(float(view_correlation(torch.cat([a + 10, b + 10])))) < 0.05
+    assert float(view_correlation(torch.cat([a, 0.5 * a + b]))) == pytest.approx(0.45, abs=0.05)
 
 
 def test_log_has_no_duplicate_steps_after_resume(image_folder: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ornis.utils.distributed import all_reduce_max, all_reduce_sum
@@ -153,3 +154,16 @@ def collapse_diagnostics(
     ]
     agreement = torch.stack(agree).mean() if agree else probs.new_zeros(())
     return {"target_entropy": entropy, "target_max": largest, "agreement": agreement}
+
+
+@torch.no_grad()
+def view_correlation(teacher_logits: torch.Tensor, views: int = 2) -> torch.Tensor:
+    """Mean cosine, over the images of the batch, between the teacher's batch-centred scores of an image's first two
+    global views (rows view-major), as a 0-d tensor: how much of what the teacher says about one image survives
+    augmentation. Self-distillation amplifies it by ``student_temp / teacher_temp`` per round; while that product is
+    below 1 the student's best answer is the batch mean, the head learns to score every image alike and the DINO term
+    stays at ln K (random-init features of small, plain images: about 0.15)."""
+    first, second = teacher_logits.float().chunk(views)[:2]
+    first = F.normalize(first - first.mean(dim=0, keepdim=True), dim=-1)
+    second = F.normalize(second - second.mean(dim=0, keepdim=True), dim=-1)
+    return (first * second).sum(dim=-1).mean()

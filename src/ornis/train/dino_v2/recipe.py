@@ -41,6 +41,7 @@ from ornis.train.dino_v2.centering import (
     collapse_diagnostics,
     sinkhorn_knopp,
     teacher_temperature,
+    view_correlation,
 )
 from ornis.train.dino_v2.losses import dino_loss, ibot_loss, koleo_loss
 from ornis.train.dino_v2.meta_arch import HeadConfig, SelfDistillationNet, ema_update, make_teacher, teacher_momentum
@@ -268,6 +269,7 @@ class DinoV2Recipe(Recipe):
             "teacher_temp": temp,
             "teacher_momentum": teacher_momentum(step, self.total_steps, cfg.momentum_teacher),
             "masked_patches": masks.sum().float(),
+            "view_correlation": view_correlation(teacher.global_logits, GLOBAL_VIEWS),
             **collapse_diagnostics(student_views[:GLOBAL_VIEWS], teacher_views),
         }
         if patch_size is not None:
@@ -284,19 +286,29 @@ class DinoV2Recipe(Recipe):
             self.collapse_warned = True
             log.warning(
                 "step %d: the DINO loss %.4f is still within 1%% of ln K = %.4f (target entropy %.3f): the targets "
-                "are near uniform and the DINO term carries no signal (the teacher's class tokens barely differ "
-                "between images); %s",
+                "are near uniform and the DINO term carries no signal; %s; %s",
                 step + 1,
                 entry["dino"],
                 ln_k,
                 entry.get("target_entropy", float("nan")),
+                self._bootstrap_gain(entry),
                 self._collapse_advice(),
             )
+
+    def _bootstrap_gain(self, entry: dict[str, float]) -> str:
+        """Why the targets stay uniform: agreement x sharpening must exceed 1 (``view_correlation``)."""
+        corr = entry.get("view_correlation", float("nan"))
+        ratio = self.config.student_temp / entry.get("teacher_temp", self.config.teacher_temp)
+        verdict = "below the 1 it needs, so the head learns to score every image alike" if corr * ratio < 1 else ""
+        return (
+            f"the teacher's two views of an image agree by {corr:.2f} (view_correlation) and self-distillation "
+            f"multiplies that by student / teacher temperature = {ratio:.2f}: {corr * ratio:.2f} {verdict}".rstrip()
+        )
 
     def _collapse_advice(self) -> str:
         """What to change, given what this run already uses."""
         tips = [] if self.config.centering == "softmax" else ["softmax centring (--centering softmax)"]
-        tips += ["a lower teacher temperature (--teacher-temp)", "fewer prototypes (--out-dim)", "more steps"]
+        tips += ["a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)", "more steps"]
         return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
 
     def after_step(self, step: int) -> None:
