@@ -91,3 +91,31 @@ def test_mim_two_ranks_equal_one(tmp_path, data, arch):
     name = "vit_t16" if arch == "vit" else "hiera_abswin_tiny"
     net, _ = ornis.load_pretrained_model(tmp_path / "two" / f"{name}_mim.pt")
     assert net.name == name and net.num_classes == 0
+
+
+def test_dino_sinkhorn_queue_resume_under_two_ranks_is_refused_in_one_line(tmp_path, data):
+    """Each rank holds its own Sinkhorn-Knopp queue and the states file keeps the first rank's only, so a 2-rank
+    resume cannot be exact: it is refused with one ``ornis: error:`` line per rank, before any step."""
+    dino = "--global-size 32 --local-size 16 --local-crops 1 --out-dim 16 --head-hidden-dim 32 --head-bottleneck-dim 16"
+    queue = ["--centering", "sinkhorn_knopp", "--sinkhorn-queue-size", "8"]
+    model = ["--arch", "vit_t16", "--model-config", json.dumps(TINY_VIT)]
+    args = ["train", "dino-v2", str(data), *model, *dino.split(), *queue, "--checkpoint-every", "1", *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ORNIS_OFFLINE": "1"}
+
+    def torchrun(more: list[str]) -> subprocess.CompletedProcess:
+        launch = ["--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+        cmd = [str(TORCHRUN), *launch, "-m", "ornis", *args, *more]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    first = torchrun(["-o", str(tmp_path / "first")])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    states = tmp_path / "first" / "vit_t16_dino-v2_s1_states.pt"
+    assert states.is_file()
+    resumed = torchrun(["-o", str(tmp_path / "resumed"), "--resume", str(states)])
+    assert resumed.returncode != 0
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("ornis: error:")]
+    assert errors and all("Sinkhorn-Knopp queue of a 2-process run cannot be restored" in e for e in errors), (
+        resumed.stderr[-3000:]
+    )
+    assert "OrnisError" not in resumed.stderr  # ours is caught and printed as one line (torchrun adds its summary)
+    assert not (tmp_path / "resumed" / "log.jsonl").is_file() or not (tmp_path / "resumed" / "log.jsonl").read_text()
