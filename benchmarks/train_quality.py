@@ -73,6 +73,7 @@ def loop(args: argparse.Namespace, out: Path, train: Path, val: Path) -> TrainCo
         num_workers=args.workers,
         progress=False,
         seed=args.seed,
+        lr=args.lr,
     )
 
 
@@ -174,6 +175,7 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=43)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: each recipe's, scaled)")
     p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
