@@ -74,6 +74,7 @@ def loop(args: argparse.Namespace, out: Path, train: Path, val: Path) -> TrainCo
         progress=False,
         seed=args.seed,
         lr=args.lr,
+        layer_decay=args.layer_decay,
     )
 
 
@@ -158,6 +159,8 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
     wall = time.perf_counter() - t0
     return {
         "protocol": f"vit_t16 patch 4 at 32 px, batch 32, {'fine-tuned from the DINOv2 run' if weights else 'scratch'}",
+        "lr": args.lr,
+        "layer_decay": args.layer_decay,
         "top1": metrics["top1"] if metrics else None,
         "top5": metrics["top5"] if metrics else None,
         "steps": args.steps,
@@ -175,6 +178,7 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=43)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (fine-tuning: MAE's 0.65)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: each recipe's, scaled)")
     p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
     p.add_argument("--threads", type=int, default=2)
