@@ -8,6 +8,12 @@ The DINOv2 protocol (issue 14): ``vit_t16`` with patch 4 at 32 px, batch 32, 4 l
 on it; random init 0.461.
 
     python benchmarks/train_quality.py --recipes dino-v2 -o benchmarks/results/train_quality_cpu.json
+
+Recipes: ``dino-v2`` (vit_t16), ``dino-v2-flexivit`` (patch 4 or 8 drawn per step), ``dino-v2-hieradet``
+(hieradet_d_tiny), ``mim`` (MAE on vit_t16), ``mim-hiera`` (hiera_tiny at 128 px), ``classify`` (fine-tunes
+``--weights`` or the DINOv2 run's encoder; validation top-1 on the held-out digits), e.g.
+
+    python benchmarks/train_quality.py --recipes classify --weights run/vit_t16_dino-v2.pt --lr 1e-3 --layer-decay 0.65
 """
 
 from __future__ import annotations
