@@ -57,9 +57,9 @@ def write_digits(root: Path, train_count: int = 1400, seed: int = 0) -> tuple[Pa
     return root / "train", root / "val"
 
 
-def knn_of(encoder: torch.nn.Module, train: Path, val: Path) -> float:
-    """k-NN top-1 of ``encoder``'s embeddings, val voted by train."""
-    return KnnMonitor(train, val, (SIZE, SIZE))(encoder, torch.device("cpu"))["knn_top1"]
+def knn_of(encoder: torch.nn.Module, train: Path, val: Path, size: int) -> float:
+    """k-NN top-1 of ``encoder``'s embeddings at ``size`` px, val voted by train."""
+    return KnnMonitor(train, val, (size, size))(encoder, torch.device("cpu"))["knn_top1"]
 
 
 def curve_of(logs: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -84,29 +84,32 @@ def loop(args: argparse.Namespace, out: Path, train: Path, val: Path) -> TrainCo
     )
 
 
-# The DINOv2 protocol's backbones: (architecture, overrides at 32 px). FlexiViT draws its patch size per step
-# from those in its range that tile both crop sizes (4 and 8 here).
+# The DINOv2 protocol's backbones: (architecture, overrides, global and local crop size). FlexiViT draws its patch
+# size per step from those in its range that tile both crop sizes (4 and 8 here). HieraDet takes multiples of 32 px,
+# so its crops are 64 and 32 px (the digits upscaled twice as much).
 DINO_ARCHS = {
-    "dino-v2": ("vit_t16", VIT),
-    "dino-v2-flexivit": ("flexivit_t16", {"patch_size": 4, "min_patch_size": 4, "max_patch_size": 8}),
-    "dino-v2-hieradet": ("hieradet_d_tiny", {}),
+    "dino-v2": ("vit_t16", VIT, SIZE, 16),
+    "dino-v2-flexivit": ("flexivit_t16", {"patch_size": 4, "min_patch_size": 4, "max_patch_size": 8}, SIZE, 16),
+    "dino-v2-hieradet": ("hieradet_d_tiny", {}, 64, 32),
 }
 
 
 def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
-    arch, config = DINO_ARCHS[recipe]
+    arch, config, size, local = DINO_ARCHS[recipe]
     torch.manual_seed(args.seed)
-    random_init = knn_of(ornis.build_model(arch, size=SIZE, config=config), train, val)
+    encoder = ornis.build_model(arch, size=size, config=config)
+    random_init = knn_of(encoder, train, val, size)
     method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512))
-    opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=MultiCropConfig(SIZE, 16, 4))
+    crops = MultiCropConfig(size, local, 4)
+    opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=crops)
     t0 = time.perf_counter()
     result = train_dino_v2(opts, loop(args, work / recipe, train, val))
     wall = time.perf_counter() - t0
     keys = ("dino", "ibot", "koleo", "target_entropy", "target_max", "agreement")
     curve = curve_of(result.logs, keys)
     return {
-        "protocol": f"{arch} {config} at 32 px, batch {args.batch_size}, 2 global crops of 32 px + 4 local of 16 px, "
+        "protocol": f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px, "
         "head 512 / 1024",
         "seed": args.seed,
         "knn_random_init": random_init,
@@ -131,7 +134,7 @@ def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe
     arch, size, config = MIM_ARCHS[recipe]
     torch.manual_seed(args.seed)
     encoder = ornis.build_model(arch, size=size, config=config)
-    random_init = KnnMonitor(train, val, (size, size))(encoder, torch.device("cpu"))["knn_top1"]
+    random_init = knn_of(encoder, train, val, size)
     opts = MIMOptions(train=train, arch=arch, size=size, model_config=config)
     t0 = time.perf_counter()
     result = train_mim(opts, loop(args, work / recipe, train, val))

@@ -153,3 +153,21 @@ def test_sinkhorn_queue_of_another_process_count_is_refused() -> None:
     other.world = 1
     with pytest.raises(OrnisError, match="2-process run"):
         other.load_state_dict({**state, "queue_processes": 2})
+
+
+def test_dino_crops_the_backbone_cannot_take_are_refused_before_the_first_step(tmp_path, capsys) -> None:
+    # HieraDet takes inputs in multiples of 32 px: a 16 px local crop used to fail mid-step with a traceback
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, img in enumerate(stripes(4)):
+        img.save(images / f"{i}.png")
+    heads = "--out-dim 16 --head-hidden-dim 32 --head-bottleneck-dim 16 --steps 1 --batch-size 2 --workers 0"
+    crops = "--global-size 64 --local-size 16 --local-crops 1"
+    args = ["train", "dino-v2", str(images), "--arch", "hieradet_d_tiny", *crops.split(), *heads.split()]
+    code = main([*args, "-o", str(tmp_path / "d")])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "hieradet_d_tiny takes inputs in multiples of 32 px, not the local crop of 16 px" in line
+    assert not (tmp_path / "d" / "log.jsonl").exists()
+    # no local crops: nothing to refuse about the local size
+    assert main([*args, "--local-crops", "0", "-o", str(tmp_path / "ok")]) == 0

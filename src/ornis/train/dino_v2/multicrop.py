@@ -39,6 +39,16 @@ class MultiCropConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
 
+    def check_stride(self, stride: int, model: str) -> None:
+        """``ValueError`` unless the crops are multiples of ``stride`` px (a backbone's coarsest, HieraDet's 32)."""
+        sizes = {"global": self.global_size, **({"local": self.local_size} if self.local_crops else {})}
+        bad = [f"{kind} crop of {size} px" for kind, size in sizes.items() if size % stride]
+        if bad:
+            raise ValueError(
+                f"{model} takes inputs in multiples of {stride} px, not the {' or the '.join(bad)}: set "
+                f"--global-size and --local-size to multiples of {stride}"
+            )
+
 
 class MultiCropTransform:
     """PIL image -> ``{"global_crops": [2 x (3, G, G)], "local_crops": [N x (3, L, L)]}``, normalised.

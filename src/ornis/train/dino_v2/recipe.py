@@ -144,10 +144,8 @@ class DinoV2Recipe(Recipe):
         self.patch_sizes = self._patch_sizes(backbone)
         size = (self.crops.global_size, self.crops.global_size)
         self.mask_grids = {p or 0: backbone.retention_grid(size, p) for p in (self.patch_sizes or [None])}
-        self.total_steps = 1
-        self.freeze_steps = 0
-        self.temp_warmup_steps = 0
-        self.collapse_after = 0
+        # the schedules' lengths in steps, set by ``setup`` once the run's length is known
+        self.total_steps, self.freeze_steps, self.temp_warmup_steps, self.collapse_after = 1, 0, 0, 0
         self.world = 1
         self.collapse_warned = False
 
@@ -159,6 +157,7 @@ class DinoV2Recipe(Recipe):
     def _patch_sizes(self, backbone: Encoder) -> list[int] | None:
         """The backbone's patch sizes (FlexiViT's range) that tile both crop sizes; None for a fixed stem."""
         if backbone.patch_size_range is None:
+            self.crops.check_stride(backbone.max_stride, backbone.name)
             return None
         smallest, largest = backbone.patch_size_range
         wanted = self.config.patch_sizes or range(smallest, largest + 1)
