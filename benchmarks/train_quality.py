@@ -142,6 +142,7 @@ def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe
     curve = curve_of(result.logs, ("loss",))
     return {
         "protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE defaults",
+        "lr": args.lr,
         "knn_random_init": random_init,
         "knn_trained": curve[-1]["knn_top1"],
         "steps": args.steps,
