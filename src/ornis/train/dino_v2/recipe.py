@@ -155,7 +155,8 @@ class DinoV2Recipe(Recipe):
         return self.model.backbone
 
     def _patch_sizes(self, backbone: Encoder) -> list[int] | None:
-        """The backbone's patch sizes (FlexiViT's range) that tile both crop sizes; None for a fixed stem."""
+        """The backbone's patch sizes (FlexiViT's range) that tile both crop sizes; None for a fixed stem, whose
+        coarsest stride the crops must then be multiples of (``ValueError`` otherwise, before any step)."""
         if backbone.patch_size_range is None:
             self.crops.check_stride(backbone.max_stride, backbone.name)
             return None
@@ -298,10 +299,10 @@ class DinoV2Recipe(Recipe):
         """Why the targets stay uniform: agreement x sharpening must exceed 1 (``view_correlation``)."""
         corr = entry.get("view_correlation", float("nan"))
         ratio = self.config.student_temp / entry.get("teacher_temp", self.config.teacher_temp)
-        verdict = "below the 1 it needs, so the head learns to score every image alike" if corr * ratio < 1 else ""
+        verdict = " below the 1 it needs, so the head learns to score every image alike" if corr * ratio < 1 else ""
         return (
             f"the teacher's two views of an image agree by {corr:.2f} (view_correlation) and self-distillation "
-            f"multiplies that by student / teacher temperature = {ratio:.2f}: {corr * ratio:.2f} {verdict}".rstrip()
+            f"multiplies that by student / teacher temperature = {ratio:.2f}: {corr * ratio:.2f}{verdict}"
         )
 
     def _collapse_advice(self) -> str:
