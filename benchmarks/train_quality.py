@@ -94,32 +94,42 @@ DINO_ARCHS = {
 }
 
 
-def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
-    """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
-    arch, config, size, local = DINO_ARCHS[recipe]
+def self_supervised(
+    args: argparse.Namespace, arch: str, size: int, config: dict[str, Any], data: tuple[Path, Path], fit: Any
+) -> tuple[dict[str, Any], Any]:
+    """What DINOv2 and MIM report alike: the k-NN of ``arch`` at random init (seeded), then ``fit()`` timed, its
+    k-NN curve and the last figure. Returns the report's shared fields and the training result."""
     torch.manual_seed(args.seed)
-    encoder = ornis.build_model(arch, size=size, config=config)
-    random_init = knn_of(encoder, train, val, size)
-    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512))
-    crops = MultiCropConfig(size, local, 4)
-    opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=crops)
+    random_init = knn_of(ornis.build_model(arch, size=size, config=config), *data, size)
     t0 = time.perf_counter()
-    result = train_dino_v2(opts, loop(args, work / recipe, train, val))
+    result = fit()
     wall = time.perf_counter() - t0
-    keys = ("dino", "ibot", "koleo", "target_entropy", "target_max", "agreement")
+    keys = ("loss", "dino", "ibot", "koleo", "target_entropy", "target_max", "agreement", "view_correlation")
     curve = curve_of(result.logs, keys)
-    return {
-        "protocol": f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px, "
-        "head 512 / 1024",
+    shared = {
         "seed": args.seed,
+        "lr": args.lr,
         "knn_random_init": random_init,
         "knn_trained": curve[-1]["knn_top1"],
         "steps": args.steps,
         "wall_s": wall,
         "images_per_s": args.steps * args.batch_size / wall,
         "curve": curve,
-        "checkpoint": str(result.checkpoint),
     }
+    return shared, result
+
+
+def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
+    """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
+    arch, config, size, local = DINO_ARCHS[recipe]
+    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512))
+    crops = MultiCropConfig(size, local, 4)
+    opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=crops)
+    shared, result = self_supervised(
+        args, arch, size, config, (train, val), lambda: train_dino_v2(opts, loop(args, work / recipe, train, val))
+    )
+    protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
+    return {"protocol": protocol + ", head 512 / 1024", **shared, "checkpoint": str(result.checkpoint)}
 
 
 # MIM's encoders: (architecture, size, overrides). Hiera masks 32 x 32 px units, so it trains at 128 px (4 x 4 units)
@@ -130,26 +140,13 @@ MIM_ARCHS = {
 
 
 def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
-    """MAE / Hiera-MAE with the recipe's defaults; k-NN at the encoder's training size."""
+    """MAE / Hiera-MAE with the recipe's defaults (or ``--lr``); k-NN at the encoder's training size."""
     arch, size, config = MIM_ARCHS[recipe]
-    torch.manual_seed(args.seed)
-    encoder = ornis.build_model(arch, size=size, config=config)
-    random_init = knn_of(encoder, train, val, size)
     opts = MIMOptions(train=train, arch=arch, size=size, model_config=config)
-    t0 = time.perf_counter()
-    result = train_mim(opts, loop(args, work / recipe, train, val))
-    wall = time.perf_counter() - t0
-    curve = curve_of(result.logs, ("loss",))
-    return {
-        "protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE defaults",
-        "lr": args.lr,
-        "knn_random_init": random_init,
-        "knn_trained": curve[-1]["knn_top1"],
-        "steps": args.steps,
-        "wall_s": wall,
-        "images_per_s": args.steps * args.batch_size / wall,
-        "curve": curve,
-    }
+    shared, _ = self_supervised(
+        args, arch, size, config, (train, val), lambda: train_mim(opts, loop(args, work / recipe, train, val))
+    )
+    return {"protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE's recipe", **shared}
 
 
 def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, weights: str | None) -> dict[str, Any]:
@@ -168,7 +165,8 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
     result, metrics = train_classifier(opts, loop(args, work / "classify", train, val))
     wall = time.perf_counter() - t0
     return {
-        "protocol": f"vit_t16 patch 4 at 32 px, batch 32, {'fine-tuned from the DINOv2 run' if weights else 'scratch'}",
+        "protocol": f"vit_t16 patch 4 at 32 px, batch {args.batch_size}, "
+        + (f"fine-tuned from {weights}" if weights else "from scratch"),
         "lr": args.lr,
         "layer_decay": args.layer_decay,
         "top1": metrics["top1"] if metrics else None,
