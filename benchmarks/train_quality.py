@@ -160,12 +160,14 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
         model_config=None if weights else VIT,
         auto_augment=None,
         crop_scale=(0.6, 1.0),
+        hflip=args.hflip,
     )
     t0 = time.perf_counter()
     result, metrics = train_classifier(opts, loop(args, work / "classify", train, val))
     wall = time.perf_counter() - t0
     return {
-        "protocol": f"vit_t16 patch 4 at 32 px, batch {args.batch_size}, "
+        "protocol": f"vit_t16 patch 4 at 32 px, batch {args.batch_size}, crops 0.6-1, "
+        + ("flips, " if args.hflip else "no flips, ")
         + (f"fine-tuned from {weights}" if weights else "from scratch"),
         "lr": args.lr,
         "layer_decay": args.layer_decay,
@@ -189,6 +191,7 @@ def main() -> None:
     p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (fine-tuning: MAE's 0.65)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: each recipe's, scaled)")
     p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
+    p.add_argument("--no-hflip", dest="hflip", action="store_false", help="classify: no horizontal flips")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("-o", "--output", default="benchmarks/results/train_quality_cpu.json")

@@ -72,7 +72,7 @@ def test_classify_two_ranks_equal_one(tmp_path, data):
     args = ["train", "classify", str(data), *VIT, "--aug", "randaugment", *COMMON]
     one, two = _train_one_and_two(args, tmp_path)
     _compare(one, two)
-    assert one[1]["loss"] != one[0]["loss"]  # steps 2.. depend on the data (step 1 is ln 3: a zero head)
+    assert one[1]["loss"] != one[0]["loss"]  # each step depends on its data (the new head is random, not zero)
     # only rank 0 writes: one log line per step, one model file
     assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == [
         "vit_t16_classify.pt",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.training import STATS, TINY_VIT, make_shapes, write_shards
+from support.training import STATS, TINY_VIT, make_shapes, write_digits, write_shards
 
 import ornis
 from ornis.train.config import TrainConfig
@@ -41,7 +41,7 @@ def test_loss_goes_down_and_validation_top1(tmp_path, data):
     cfg = TrainConfig(steps=25, batch_size=12, lr=3e-3, warmup_steps=3, output_dir=tmp_path, log_every=5, seed=0)
     result, metrics = train_classifier(opts, cfg)
     losses = [result.losses[s] for s in range(25)]
-    assert losses[0] == pytest.approx(1.0986, abs=1e-3)  # a zero-initialised head: ln(3)
+    assert losses[0] == pytest.approx(1.0986, abs=0.1)  # a small random head (std 0.02): near ln(3); 1.035
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses  # measured: ~0.1 after 25 steps
     assert metrics is not None and metrics["top1"] >= 0.8 and metrics["top5"] == 1.0, metrics
     assert json.loads((tmp_path / "val_metrics.json").read_text()) == metrics
@@ -111,7 +111,8 @@ def test_fine_tune_a_checkpoint_on_new_classes_from_shards(tmp_path, data):
     new = net.state_dict()
     drift = max(float((old[k] - new[k]).abs().max()) for k in old if not k.startswith("classifier"))
     assert 0 < drift < 0.01  # trained from the file's weights (2 steps of lr 1e-4), not from a fresh init
-    assert result.losses[0] == pytest.approx(1.0986, abs=1e-3)  # the new head starts at zero
+    assert result.losses[0] == pytest.approx(1.0986, abs=0.1)  # a new small random head, not the file's 5-class one
+    assert float(new["classifier.weight"].std()) == pytest.approx(0.02, rel=0.2)  # std 0.02 + 2 steps of lr 1e-4
 
 
 def test_cli_train_classify(tmp_path, data):
@@ -141,3 +142,24 @@ def test_cli_train_classify(tmp_path, data):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
     metrics = json.loads((tmp_path / "val_metrics.json").read_text())
     assert 0.0 <= metrics["top1"] <= metrics["top5"] == 1.0  # 3 classes: top-5 counts all of them
+
+
+@pytest.mark.slow
+def test_a_vit_from_scratch_learns_real_digits(tmp_path):
+    """A 4-block ViT from scratch on 600 scanned digits (16 px, patch 2), lr 3e-3 warmed up over the recipe's 10%,
+    no flips. Measured, 1 thread: top-1 0.782 on the 1,197 held out; 0.578 with the old zero-initialised head (2
+    blocks at lr 1e-3: 0.475 against 0.291)."""
+    train, val = write_digits(tmp_path / "digits", train_count=600, size=16)
+    opts = ClassifyOptions(
+        train=train,
+        val=val,
+        arch="vit_t16",
+        size=16,
+        model_config=dict(TINY_VIT, patch_size=2, num_layers=4),
+        auto_augment=None,
+        crop_scale=(0.8, 1.0),
+        hflip=False,
+    )
+    cfg = TrainConfig(steps=400, batch_size=32, lr=3e-3, output_dir=tmp_path / "run", seed=0)
+    _, metrics = train_classifier(opts, cfg)
+    assert metrics is not None and metrics["top1"] >= 0.7, metrics

@@ -96,3 +96,18 @@ def dino_recipe(arch: str = "vit_t16", **method: Any) -> DinoV2Recipe:
 def dino_dataset(folder: Path) -> SampleDataset:
     """The multi-crop views of every image under ``folder``."""
     return SampleDataset(open_source(folder, labelled=False), DinoV2Views(CROPS))
+
+
+def write_digits(root: Path, train_count: int = 1400, size: int = 32) -> tuple[Path, Path]:
+    """scikit-learn's 1,797 scanned digits (real images no one here made) as ``root/{train,val}/<digit>/<i>.png``,
+    8 px upscaled to ``size`` px (bicubic, RGB), shuffled with seed 0: ``train_count`` for training, the rest
+    held out."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for rank, i in enumerate(np.random.default_rng(0).permutation(len(digits.images))):
+        folder = root / ("train" if rank < train_count else "val") / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * (255 / 16)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert("RGB").save(folder / f"{i:04d}.png")
+    return root / "train", root / "val"

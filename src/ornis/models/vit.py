@@ -158,9 +158,6 @@ class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        if isinstance(self.classifier, nn.Linear):
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-from torch import nn
-
 from ornis.loading import load_pretrained_model
 from ornis.models.base import Encoder
 from ornis.models.registry import build_model
@@ -33,7 +31,7 @@ def start_encoder(
     """Load ``weights`` or build ``arch`` (exactly one of them) with a head of ``num_classes`` outputs.
 
     From a checkpoint, the head is kept when it already has those classes (``class_to_idx``, when given, must match
-    the file's too), else replaced by a zero-initialised one (as the reference starts a new head; none for 0
+    the file's too), else replaced by a new one (``Encoder.create_classifier``: random, not zero; none for 0
     classes), and the model is re-based on ``size`` when given. From scratch, ``size`` and ``model_config`` (field
     overrides) shape the architecture. Call ``torch.manual_seed`` first for the same start on every rank and run.
     """
@@ -50,9 +48,6 @@ def start_encoder(
     classes = info.class_to_idx
     if net.num_classes != num_classes or (class_to_idx is not None and info.class_to_idx != class_to_idx):
         net.reset_classifier(num_classes)
-        if isinstance(net.classifier, nn.Linear):
-            nn.init.zeros_(net.classifier.weight)
-            nn.init.zeros_(net.classifier.bias)
         classes = class_to_idx if class_to_idx is not None else {str(i): i for i in range(num_classes)}
     if size is not None and net.size != (size, size):
         net.adjust_size((size, size))

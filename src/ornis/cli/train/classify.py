@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--crop-scale", type=float, nargs=2, default=default_of(ClassifyOptions, "crop_scale"), metavar=("MIN", "MAX")
     )
     p.add_argument(
+        "--no-hflip",
+        dest="hflip",
+        action="store_false",
+        help="no random horizontal flips (for images whose mirror is another class: digits, text, arrows)",
+    )
+    p.add_argument(
         "--mixup", type=float, default=default_of(ClassifyOptions, "mixup_alpha"), help="mixup alpha (0: off)"
     )
     p.add_argument(
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         model_config=args.model_config,
         auto_augment=None if args.aug == "none" else args.aug,
         crop_scale=tuple(args.crop_scale),
+        hflip=args.hflip,
         mixup_alpha=args.mixup,
         cutmix_alpha=args.cutmix,
         label_smoothing=args.label_smoothing,
