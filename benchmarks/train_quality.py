@@ -162,11 +162,12 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
         crop_scale=(0.6, 1.0),
         hflip=args.hflip,
     )
+    low, high = opts.crop_scale
     t0 = time.perf_counter()
     result, metrics = train_classifier(opts, loop(args, work / "classify", train, val))
     wall = time.perf_counter() - t0
     return {
-        "protocol": f"vit_t16 patch 4 at 32 px, batch {args.batch_size}, crops 0.6-1, "
+        "protocol": f"vit_t16 patch 4 at 32 px, batch {args.batch_size}, crops {low:g}-{high:g}, "
         + ("flips, " if args.hflip else "no flips, ")
         + (f"fine-tuned from {weights}" if weights else "from scratch"),
         "lr": args.lr,
