@@ -15,18 +15,24 @@ from torchvision.transforms import v2
 from ornis.weights.checkpoint import DEFAULT_RGB_STATS
 
 
-def _photometric(blur_p: float, solarize_p: float) -> list[Any]:
-    # DINOv2's augmentations: colour jitter, grayscale, Gaussian blur, solarisation (second global view only)
-    out: list[Any] = [
+def _photometric(blur_p: float, solarize_p: float) -> tuple[list[Any], list[Any]]:
+    """DINOv2's augmentations of one view: flip, colour jitter and grayscale, then Gaussian blur and solarisation
+    (the second global view only), as (the ops applied to the PIL image, the ops applied to the uint8 tensor).
+
+    The colour ops run on the PIL image, where torchvision's tensor path costs about 4x as much (1 ms against 0.24 ms
+    per ColorJitter of a 32 px crop, most of a DINOv2 sample's augmentation time); the blur runs on the tensor, where
+    its kernel size means what DINOv2's does (the PIL path converts to a tensor and back for it anyway)."""
+    on_image: list[Any] = [
         v2.RandomHorizontalFlip(p=0.5),
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]
+    on_tensor: list[Any] = []
     if blur_p > 0:
-        out.append(v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=blur_p))
+        on_tensor.append(v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
-        out.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    return out
+        on_tensor.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    return on_image, on_tensor
 
 
 @dataclass(frozen=True)
@@ -62,17 +68,14 @@ class MultiCropTransform:
         finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(stats["mean"]), std=list(stats["std"]))]
         bicubic = v2.InterpolationMode.BICUBIC
 
-        def crop(size: int, scale: tuple[float, float]) -> Any:
-            return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
+        def view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> Any:
+            on_image, on_tensor = _photometric(blur_p, solarize_p)
+            crop = v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
+            return v2.Compose([crop, *on_image, v2.PILToTensor(), *on_tensor, *finish])
 
         g, s = config.global_size, config.global_scale
-        self.global_views = [
-            v2.Compose([v2.PILToTensor(), crop(g, s), *_photometric(1.0, 0.0), *finish]),
-            v2.Compose([v2.PILToTensor(), crop(g, s), *_photometric(0.1, 0.2), *finish]),
-        ]
-        self.local_view = v2.Compose(
-            [v2.PILToTensor(), crop(config.local_size, config.local_scale), *_photometric(0.5, 0.0), *finish]
-        )
+        self.global_views = [view(g, s, 1.0, 0.0), view(g, s, 0.1, 0.2)]
+        self.local_view = view(config.local_size, config.local_scale, 0.5, 0.0)
 
     def __call__(self, image: Any) -> dict[str, list[torch.Tensor]]:
         """The views of one image (converted to RGB first when it is a PIL image): 2 global, ``local_crops`` local."""
