@@ -156,10 +156,10 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
         val=val,
         weights=weights,
         arch=None if weights else "vit_t16",
-        size=SIZE,
+        size=args.size,
         model_config=None if weights else VIT,
-        auto_augment=None,
-        crop_scale=(0.6, 1.0),
+        auto_augment=args.auto_augment,
+        crop_scale=(args.crop_min, 1.0),
         hflip=args.hflip,
     )
     low, high = opts.crop_scale
@@ -167,8 +167,10 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
     result, metrics = train_classifier(opts, loop(args, work / "classify", train, val))
     wall = time.perf_counter() - t0
     return {
-        "protocol": f"vit_t16 patch 4 at 32 px, batch {args.batch_size}, crops {low:g}-{high:g}, "
+        "protocol": f"{'' if weights else 'vit_t16 patch 4 '}at {args.size} px, batch {args.batch_size}, "
+        + f"crops {low:g}-{high:g}, "
         + ("flips, " if args.hflip else "no flips, ")
+        + (f"{opts.auto_augment}, " if opts.auto_augment else "")
         + (f"fine-tuned from {weights}" if weights else "from scratch"),
         "lr": args.lr,
         "layer_decay": args.layer_decay,
@@ -193,6 +195,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: each recipe's, scaled)")
     p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="classify: no horizontal flips")
+    p.add_argument("--auto-augment", default=None, help="classify: e.g. randaugment (default: none)")
+    p.add_argument("--size", type=int, default=SIZE, help="classify: input size (HieraDet: a multiple of 32)")
+    p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("-o", "--output", default="benchmarks/results/train_quality_cpu.json")
