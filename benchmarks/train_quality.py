@@ -155,19 +155,20 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
         train=train,
         val=val,
         weights=weights,
-        arch=None if weights else "vit_t16",
+        arch=None if weights else args.arch,
         size=args.size,
-        model_config=None if weights else VIT,
+        model_config=None if weights else VIT if args.arch == "vit_t16" else {},
         auto_augment=args.auto_augment,
         crop_scale=(args.crop_min, 1.0),
         hflip=args.hflip,
     )
     low, high = opts.crop_scale
+    model = "" if weights else f"{args.arch} patch 4 " if args.arch == "vit_t16" else f"{args.arch} "
     t0 = time.perf_counter()
     result, metrics = train_classifier(opts, loop(args, work / "classify", train, val))
     wall = time.perf_counter() - t0
     return {
-        "protocol": f"{'' if weights else 'vit_t16 patch 4 '}at {args.size} px, batch {args.batch_size}, "
+        "protocol": f"{model}at {args.size} px, batch {args.batch_size}, "
         + f"crops {low:g}-{high:g}, "
         + ("flips, " if args.hflip else "no flips, ")
         + (f"{opts.auto_augment}, " if opts.auto_augment else "")
@@ -196,6 +197,7 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="classify: no horizontal flips")
     p.add_argument("--auto-augment", default=None, help="classify: e.g. randaugment (default: none)")
+    p.add_argument("--arch", default="vit_t16", help="classify from scratch (no --weights and no DINOv2 run)")
     p.add_argument("--size", type=int, default=SIZE, help="classify: input size (HieraDet: a multiple of 32)")
     p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
     p.add_argument("--threads", type=int, default=2)
