@@ -122,14 +122,15 @@ def self_supervised(
 def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
     arch, config, size, local = DINO_ARCHS[recipe]
-    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512))
+    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512), **args.dino_overrides)
     crops = MultiCropConfig(size, local, 4)
     opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=crops)
     shared, result = self_supervised(
         args, arch, size, config, (train, val), lambda: train_dino_v2(opts, loop(args, work / recipe, train, val))
     )
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
-    return {"protocol": protocol + ", head 512 / 1024", **shared, "checkpoint": str(result.checkpoint)}
+    overrides = "".join(f", {k} {v}" for k, v in args.dino_overrides.items())
+    return {"protocol": protocol + ", head 512 / 1024" + overrides, **shared, "checkpoint": str(result.checkpoint)}
 
 
 # MIM's encoders: (architecture, size, overrides). Hiera masks 32 x 32 px units, so it trains at 128 px (4 x 4 units)
@@ -142,11 +143,12 @@ MIM_ARCHS = {
 def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
     """MAE / Hiera-MAE with the recipe's defaults (or ``--lr``); k-NN at the encoder's training size."""
     arch, size, config = MIM_ARCHS[recipe]
-    opts = MIMOptions(train=train, arch=arch, size=size, model_config=config)
+    opts = MIMOptions(train=train, arch=arch, size=size, model_config=config, norm_pix=args.norm_pix)
     shared, _ = self_supervised(
         args, arch, size, config, (train, val), lambda: train_mim(opts, loop(args, work / recipe, train, val))
     )
-    return {"protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE's recipe", **shared}
+    targets = "per-patch normalised pixels" if args.norm_pix else "raw pixels (--no-norm-pix)"
+    return {"protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE's recipe, {targets}", **shared}
 
 
 def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, weights: str | None) -> dict[str, Any]:
@@ -200,10 +202,13 @@ def main() -> None:
     p.add_argument("--arch", default="vit_t16", help="classify from scratch (no --weights and no DINOv2 run)")
     p.add_argument("--size", type=int, default=SIZE, help="classify: input size (HieraDet: a multiple of 32)")
     p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
+    p.add_argument("--student-temp", type=float, default=None, help="dino-v2: student temperature (default 0.1)")
+    p.add_argument("--no-norm-pix", dest="norm_pix", action="store_false", help="mim: raw pixel targets")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("-o", "--output", default="benchmarks/results/train_quality_cpu.json")
     args = p.parse_args()
+    args.dino_overrides = {} if args.student_temp is None else {"student_temp": args.student_temp}
     torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="ornis_quality_"))
     train, val = write_digits(work / "digits")
