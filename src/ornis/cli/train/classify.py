@@ -11,7 +11,11 @@ from ornis.train.supervised import ClassifyOptions, ClassifyRecipe, train_classi
 HELP = "supervised classification: fine-tune a checkpoint on new classes or train from scratch"
 
 OPTIM = ClassifyRecipe.optim_defaults
-DESCRIPTION = HELP
+DESCRIPTION = f"""{HELP}.
+
+The default lr is MAE's fine-tuning rule, {OPTIM.base_lr:g} x batch / {OPTIM.reference_batch}, meant for fine-tuning.
+From scratch at small batches it is low: a ViT-Tiny on 1,400 digits at batch 32 reached 0.645 top-1 in 1,500 steps
+at the default (1.25e-4) and 0.924 with --lr 1e-3 (layer decay 0.8 in both)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
