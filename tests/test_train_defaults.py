@@ -4,6 +4,7 @@ after a resume, periodic k-NN, TensorBoard."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -187,6 +188,21 @@ def test_help_states_the_small_batch_rule_and_the_recipe_defaults(capsys: pytest
     assert main(["train", "mim", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "lr 0.00015 x B/256, warm-up 5% of the steps, weight decay 0.05, betas 0.9/0.95, clip off" in text
+    assert main(["train", "classify", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MAE's fine-tuning rule, 0.001 x batch / 256, meant for fine-tuning" in text
+
+
+def test_dino_temperatures_reach_the_config() -> None:
+    from ornis.cli.train.dino_v2 import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["data", "--arch", "vit_t16"]
+    assert options_from_args(p.parse_args(argv)).method.student_temp == 0.1
+    args = p.parse_args([*argv, "--student-temp", "0.6", "--teacher-temp", "0.05"])
+    method = options_from_args(args).method
+    assert (method.student_temp, method.teacher_temp) == (0.6, 0.05)
 
 
 def test_grad_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:

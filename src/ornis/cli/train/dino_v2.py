@@ -28,6 +28,7 @@ near N/K (N teacher rows balanced together, K = --out-dim prototypes), so it is 
 METHOD_OPTIONS: dict[str, Any] = {
     "centering": str,
     "sinkhorn_queue_size": non_negative_int,
+    "student_temp": positive_float,
     "teacher_temp": positive_float,
     "warmup_teacher_temp": positive_float,
     "warmup_teacher_temp_steps": non_negative_int,
