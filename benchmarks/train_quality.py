@@ -122,15 +122,16 @@ def self_supervised(
 def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
     arch, config, size, local = DINO_ARCHS[recipe]
-    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512), **args.dino_overrides)
+    overrides = {} if args.student_temp is None else {"student_temp": args.student_temp}
+    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512), **overrides)
     crops = MultiCropConfig(size, local, 4)
     opts = DinoV2Options(data=train, arch=arch, model_config=config, method=method, crops=crops)
     shared, result = self_supervised(
         args, arch, size, config, (train, val), lambda: train_dino_v2(opts, loop(args, work / recipe, train, val))
     )
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
-    overrides = "".join(f", {k} {v}" for k, v in args.dino_overrides.items())
-    return {"protocol": protocol + ", head 512 / 1024" + overrides, **shared, "checkpoint": str(result.checkpoint)}
+    changed = "".join(f", {k} {v}" for k, v in overrides.items())
+    return {"protocol": protocol + ", head 512 / 1024" + changed, **shared, "checkpoint": str(result.checkpoint)}
 
 
 # MIM's encoders: (architecture, size, overrides). Hiera masks 32 x 32 px units, so it trains at 128 px (4 x 4 units)
@@ -208,7 +209,6 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("-o", "--output", default="benchmarks/results/train_quality_cpu.json")
     args = p.parse_args()
-    args.dino_overrides = {} if args.student_temp is None else {"student_temp": args.student_temp}
     torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="ornis_quality_"))
     train, val = write_digits(work / "digits")
