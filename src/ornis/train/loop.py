@@ -24,7 +24,8 @@ Files (``output_dir``): ``<tag>_s<step>.pt`` is the model in the published forma
 EMA is kept; ``<tag>_s<step>_states.pt`` is the training state (``states.py``); at the end ``<tag>.pt`` is the
 final model. ``log.jsonl`` has one line per logged step (a resumed run first drops the lines after its start).
 ``tag`` is ``recipe.tag``. Every ``eval_every`` steps and at the end: ``recipe.evaluate`` (on the EMA weights when
-an EMA is kept) and the k-NN of ``eval_knn``; ``<tag>_best.pt`` is kept at the best ``recipe.best_metric``.
+an EMA is kept) and the k-NN of ``eval_knn``; ``<tag>_best.pt`` is kept at the best ``recipe.best_metric``,
+and a warning says when it falls far below that best (a collapse).
 
 Settings left at ``None`` in ``TrainConfig`` (lr, warm-up, weight decay, betas, clipping) are the recipe's
 published defaults scaled to the run (``TrainConfig.resolve``); the resolved values are logged and saved.
@@ -54,7 +55,7 @@ from ornis.errors import OrnisError
 from ornis.models.base import Encoder
 from ornis.train.config import Recipe, TrainConfig, TrainResult
 from ornis.train.evaluation import KnnMonitor
-from ornis.train.monitor import RunLog, best_logged
+from ornis.train.monitor import FALL_RATIO, RunLog, best_logged, fell_from_best
 from ornis.train.optim import ModelEMA, clip_gradients, cosine_lr, cosine_schedule
 from ornis.train.sampling import StepBatches, seed_step
 from ornis.train.states import resume, save_states, states_path
@@ -89,6 +90,7 @@ class _Session:
     start: int
     end: int
     best: float = -math.inf  # the best ``recipe.best_metric`` so far
+    fall_warned: bool = False  # the warning that ``recipe.best_metric`` fell far below its best was given
 
 
 def run(recipe: Recipe, dataset: Dataset, cfg: TrainConfig) -> TrainResult:
@@ -190,6 +192,19 @@ def _evaluate(s: _Session, knn: KnnMonitor | None, done: int) -> dict[str, float
         if knn is not None and s.dist.is_main:
             out.update(knn(s.recipe.eval_encoder(), s.device))
         key = s.recipe.best_metric
+        if key in out and s.dist.is_main and not s.fall_warned and fell_from_best(out[key], s.best):
+            s.fall_warned = True
+            kept = f"; {s.recipe.tag}_best.pt keeps the best weights" if s.out_dir is not None else ""
+            log.warning(
+                "step %d: %s %.4f fell below %d%% of its best %.4f: the run is collapsing or diverging (a lower "
+                "--lr usually prevents it)%s",
+                done,
+                key,
+                out[key],
+                round(100 * FALL_RATIO),
+                s.best,
+                kept,
+            )
         if key in out and s.out_dir is not None and out[key] > s.best:
             s.best = out[key]
             if s.dist.is_main:

@@ -236,6 +236,7 @@ class MIMRecipe(Recipe):
 
     name = "mim"
     optim_defaults = MIM_OPTIM
+    best_metric = "knn_top1"  # with --eval-knn: <tag>_best.pt, and a warning when it falls far below its best
 
     def __init__(self, mae: MaskedAutoencoder, rgb_stats: dict[str, Any]) -> None:
         self.model = mae

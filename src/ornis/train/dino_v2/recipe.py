@@ -8,9 +8,10 @@ on ``dino_weight * DINO + ibot_weight * iBOT + koleo_weight * KoLeo``. The defau
 stabilisers scaled to the run (``DinoV2Config``, ``DINO_V2_OPTIM``): teacher-temperature warm-up over 30 % of the
 steps, prototypes frozen for the first epoch (lr 0 for their group), lr warm-up, weight-decay cosine, clipping
 per module. Each step logs the collapse diagnostics (target entropy and largest probability, cross-view
-agreement, teacher momentum); a DINO loss still at ln K after the warm-up is warned about once. Backbones with
-a range of patch sizes (FlexiViT) draw one per step. Any backbone with ``MaskedTokenRetention`` trains (ViT,
-FlexiViT, HieraDet). The exported checkpoint is the teacher's backbone in the published format, as DINOv2 releases are.
+agreement, teacher momentum); a DINO loss still at ln K after the warm-up is warned about once, and so is a rising
+KoLeo term (class tokens crowding together: a collapse). Backbones with a range of patch sizes (FlexiViT) draw one
+per step. Any backbone with ``MaskedTokenRetention`` trains (ViT, FlexiViT, HieraDet). The exported checkpoint is
+the teacher's backbone in the published format, as DINOv2 releases are.
 
 Everything random is a function of the run seed and the step or sample (crops: the sample's seed, masks: a seed
 drawn with the crops, patch size: the step), so a resumed run and a run split over processes repeat the numbers.
@@ -55,6 +56,10 @@ from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 log = logging.getLogger("ornis.train")
 
 GLOBAL_VIEWS = 2
+# A rise of the per-view KoLeo term this far above its lowest logged value warns of a collapse: nearest neighbours
+# e^0.5 = 1.6x closer. A healthy run's term falls or wobbles by < 0.1 between logs; the collapse at the default lr
+# on the digits (README) rose by 0.72
+KOLEO_RISE = 0.5
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class DinoV2Recipe(Recipe):
 
     name = "dino-v2"
     optim_defaults = DINO_V2_OPTIM
+    best_metric = "knn_top1"  # with --eval-knn: <tag>_best.pt, and a warning when it falls far below its best
 
     def __init__(
         self,
@@ -148,6 +154,7 @@ class DinoV2Recipe(Recipe):
         self.total_steps, self.freeze_steps, self.temp_warmup_steps, self.collapse_after = 1, 0, 0, 0
         self.world = 1
         self.collapse_warned = False
+        self.crowding_warned, self.koleo_low = False, math.inf
 
     @property
     def encoder(self) -> nn.Module:
@@ -277,8 +284,12 @@ class DinoV2Recipe(Recipe):
         return loss, logs
 
     def on_log(self, entry: dict[str, float], step: int) -> None:
-        """Warn once when the DINO loss is still within 1 % of ln K (uniform targets: no signal) past
-        ``collapse_after`` steps."""
+        """Warn once of each sign of trouble: uniform targets, and class tokens crowding together."""
+        self._warn_uniform_targets(entry, step)
+        self._warn_crowding(entry, step)
+
+    def _warn_uniform_targets(self, entry: dict[str, float], step: int) -> None:
+        """The DINO loss still within 1 % of ln K (uniform targets: no signal) past ``collapse_after`` steps."""
         if self.collapse_warned or step + 1 < self.collapse_after or "dino" not in entry:
             return
         ln_k = math.log(self.config.heads.out_dim)
@@ -294,6 +305,25 @@ class DinoV2Recipe(Recipe):
                 self._bootstrap_gain(entry),
                 self._collapse_advice(),
             )
+
+    def _warn_crowding(self, entry: dict[str, float], step: int) -> None:
+        """The KoLeo term risen well above its lowest logged value: the class tokens' nearest neighbours closing in,
+        which is how the encoder collapses (seen at the default lr in a long small-batch run, README)."""
+        koleo = entry.get("koleo", math.nan) / GLOBAL_VIEWS  # per view: -mean log(nearest-neighbour distance)
+        if not math.isfinite(koleo):
+            return
+        if not self.crowding_warned and koleo > self.koleo_low + KOLEO_RISE:
+            self.crowding_warned = True
+            log.warning(
+                "step %d: the KoLeo term per view rose from %.3f to %.3f: the class tokens' nearest neighbours are "
+                "%.1fx closer than they were, the sign of an encoder collapsing; a lower --lr usually prevents it "
+                "(watch --eval-knn)",
+                step + 1,
+                self.koleo_low,
+                koleo,
+                math.exp(koleo - self.koleo_low),
+            )
+        self.koleo_low = min(self.koleo_low, koleo)
 
     def _bootstrap_gain(self, entry: dict[str, float]) -> str:
         """Why the targets stay uniform: agreement x sharpening must exceed 1 (``view_correlation``)."""
