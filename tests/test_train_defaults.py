@@ -129,7 +129,7 @@ def test_collapse_diagnostics_are_logged_and_a_flat_loss_warns(
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in lines] == [1, 2, 3] and "target_entropy" in lines[0]
     with caplog.at_level(logging.WARNING, logger="ornis.train"):
-        recipe.collapse_warned = False
+        recipe.watch.uniform_warned = False
         entry = {"dino": ln_k * 0.995, "target_entropy": ln_k, "view_correlation": 0.2, "teacher_temp": 0.04}
         recipe.on_log(entry, step=5)
         recipe.on_log({"dino": ln_k * 0.995}, step=6)  # once

@@ -14,6 +14,8 @@ from torchvision.transforms import v2
 
 from ornis.weights.checkpoint import DEFAULT_RGB_STATS
 
+GLOBAL_VIEWS = 2  # DINOv2's two global crops per image
+
 
 def _photometric(blur_p: float, solarize_p: float) -> tuple[list[Any], list[Any]]:
     """DINOv2's augmentations of one view: flip, colour jitter and grayscale, then Gaussian blur and solarisation

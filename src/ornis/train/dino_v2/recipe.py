@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -46,7 +45,15 @@ from ornis.train.dino_v2.centering import (
 )
 from ornis.train.dino_v2.losses import dino_loss, ibot_loss, koleo_loss
 from ornis.train.dino_v2.meta_arch import HeadConfig, SelfDistillationNet, ema_update, make_teacher, teacher_momentum
-from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform, collate_views, mask_rng, sample_masks
+from ornis.train.dino_v2.multicrop import (
+    GLOBAL_VIEWS,
+    MultiCropConfig,
+    MultiCropTransform,
+    collate_views,
+    mask_rng,
+    sample_masks,
+)
+from ornis.train.dino_v2.watch import CollapseWatch
 from ornis.train.loop import run
 from ornis.train.optim import GroupTag, param_groups
 from ornis.train.start import start_encoder
@@ -54,12 +61,6 @@ from ornis.utils.distributed import world_size
 from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
 log = logging.getLogger("ornis.train")
-
-GLOBAL_VIEWS = 2
-# A rise of the per-view KoLeo term this far above its lowest logged value warns of a collapse: nearest neighbours
-# e^0.5 = 1.6x closer. A healthy run's term falls or wobbles by < 0.1 between logs; the collapse at the default lr
-# on the digits (README) rose by 0.72
-KOLEO_RISE = 0.5
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,10 @@ class DinoV2Recipe(Recipe):
         size = (self.crops.global_size, self.crops.global_size)
         self.mask_grids = {p or 0: backbone.retention_grid(size, p) for p in (self.patch_sizes or [None])}
         # the schedules' lengths in steps, set by ``setup`` once the run's length is known
-        self.total_steps, self.freeze_steps, self.temp_warmup_steps, self.collapse_after = 1, 0, 0, 0
+        self.total_steps, self.freeze_steps, self.temp_warmup_steps = 1, 0, 0
         self.world = 1
-        self.collapse_warned = False
-        self.crowding_warned, self.koleo_low = False, math.inf
+        c = self.config
+        self.watch = CollapseWatch(out_dim, c.student_temp, c.teacher_temp, c.centering)
 
     @property
     def encoder(self) -> nn.Module:
@@ -198,7 +199,7 @@ class DinoV2Recipe(Recipe):
         self.total_steps = cfg.steps
         self.freeze_steps = self.steps_per_epoch if c.freeze_last_layer_steps is None else c.freeze_last_layer_steps
         self.temp_warmup_steps = _or(c.warmup_teacher_temp_steps, int(c.warmup_teacher_temp_fraction * cfg.steps))
-        self.collapse_after = _or(c.collapse_warn_steps, max(self.temp_warmup_steps, 1))
+        self.watch.after = _or(c.collapse_warn_steps, max(self.temp_warmup_steps, 1))
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         """DINOv2's groups: weight decay on every matrix (position embeddings too; not biases and norms), the patch
@@ -284,62 +285,8 @@ class DinoV2Recipe(Recipe):
         return loss, logs
 
     def on_log(self, entry: dict[str, float], step: int) -> None:
-        """Warn once of each sign of trouble: uniform targets, and class tokens crowding together."""
-        self._warn_uniform_targets(entry, step)
-        self._warn_crowding(entry, step)
-
-    def _warn_uniform_targets(self, entry: dict[str, float], step: int) -> None:
-        """The DINO loss still within 1 % of ln K (uniform targets: no signal) past ``collapse_after`` steps."""
-        if self.collapse_warned or step + 1 < self.collapse_after or "dino" not in entry:
-            return
-        ln_k = math.log(self.config.heads.out_dim)
-        if abs(entry["dino"] - ln_k) <= 0.01 * ln_k:
-            self.collapse_warned = True
-            log.warning(
-                "step %d: the DINO loss %.4f is still within 1%% of ln K = %.4f (target entropy %.3f): the targets "
-                "are near uniform and the DINO term carries no signal; %s; %s",
-                step + 1,
-                entry["dino"],
-                ln_k,
-                entry.get("target_entropy", float("nan")),
-                self._bootstrap_gain(entry),
-                self._collapse_advice(),
-            )
-
-    def _warn_crowding(self, entry: dict[str, float], step: int) -> None:
-        """The KoLeo term risen well above its lowest logged value: the class tokens' nearest neighbours closing in,
-        which is how the encoder collapses (seen at the default lr in a long small-batch run, README)."""
-        koleo = entry.get("koleo", math.nan) / GLOBAL_VIEWS  # per view: -mean log(nearest-neighbour distance)
-        if not math.isfinite(koleo):
-            return
-        if not self.crowding_warned and koleo > self.koleo_low + KOLEO_RISE:
-            self.crowding_warned = True
-            log.warning(
-                "step %d: the KoLeo term per view rose from %.3f to %.3f: the class tokens' nearest neighbours are "
-                "%.1fx closer than they were, the sign of an encoder collapsing; a lower --lr usually prevents it "
-                "(watch --eval-knn)",
-                step + 1,
-                self.koleo_low,
-                koleo,
-                math.exp(koleo - self.koleo_low),
-            )
-        self.koleo_low = min(self.koleo_low, koleo)
-
-    def _bootstrap_gain(self, entry: dict[str, float]) -> str:
-        """Why the targets stay uniform: agreement x sharpening must exceed 1 (``view_correlation``)."""
-        corr = entry.get("view_correlation", float("nan"))
-        ratio = self.config.student_temp / entry.get("teacher_temp", self.config.teacher_temp)
-        verdict = " below the 1 it needs, so the head learns to score every image alike" if corr * ratio < 1 else ""
-        return (
-            f"the teacher's two views of an image agree by {corr:.2f} (view_correlation) and self-distillation "
-            f"multiplies that by student / teacher temperature = {ratio:.2f}: {corr * ratio:.2f}{verdict}"
-        )
-
-    def _collapse_advice(self) -> str:
-        """What to change, given what this run already uses."""
-        tips = [] if self.config.centering == "softmax" else ["softmax centring (--centering softmax)"]
-        tips += ["a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)", "more steps"]
-        return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
+        """Warn once of each sign of trouble: uniform targets, class tokens crowding together (``CollapseWatch``)."""
+        self.watch(entry, step)
 
     def after_step(self, step: int) -> None:
         """The teacher follows the student."""
