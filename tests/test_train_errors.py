@@ -1,6 +1,6 @@
 """Training's user mistakes end in one line before any work (issues 14 and 15): ranges, --model-config, labelled
 sets with one or an empty class, a --val that does not fit, resuming another run's states, a Sinkhorn queue under
-several processes."""
+several processes, --eval-knn with --fsdp."""
 
 from __future__ import annotations
 
@@ -113,6 +113,13 @@ def test_val_is_checked_before_the_first_step(shapes: Path, tmp_path: Path, caps
     assert main(_classify(shapes, tmp_path / "b", "--val", str(other))) == 1
     assert "['oval'] are not among the expected classes" in _one_error_line(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no step was taken
+
+
+def test_eval_knn_with_fsdp_is_refused_in_one_line(shapes: Path, tmp_path: Path, capsys) -> None:
+    # the k-NN embeds on rank 0 alone, which a sharded model cannot do: refused before torchrun is even asked for
+    assert main(_classify(shapes, tmp_path / "a", "--fsdp", "--eval-knn", str(shapes), str(shapes))) == 1
+    assert _one_error_line(capsys) == "ornis: error: --eval-knn is not supported with --fsdp yet: drop one of them"
+    assert not (tmp_path / "a").exists()
 
 
 def test_resuming_another_recipes_states_is_one_line(shapes: Path, tmp_path: Path, capsys) -> None:
