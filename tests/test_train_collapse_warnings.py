@@ -4,6 +4,7 @@ logged values of the real runs on the digits (README, ``benchmarks/results/train
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 from support.training import STATS, TINY_VIT, dino_recipe, make_shapes
 
+from ornis.cli.main import main
 from ornis.models import build_model
 from ornis.train.config import TrainConfig
 from ornis.train.data import SampleDataset, open_source, train_transform
@@ -77,10 +79,19 @@ def test_the_loop_warns_once_when_its_metric_falls_and_keeps_the_best(
     recipe = Scripted([0.60, 0.62, 0.40, 0.30], net, {"circle": 0, "square": 1, "triangle": 2}, STATS)
     cfg = TrainConfig(steps=4, batch_size=6, lr=1e-3, log_every=0, eval_every=1, num_workers=0, output_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="ornis.train"):
-        run(recipe, data, cfg)
+        result = run(recipe, data, cfg)
     falls = [r.getMessage() for r in caplog.records if "fell below" in r.getMessage()]
     assert falls == [
         "step 3: val_top1 0.4000 fell below 80% of its best 0.6200: the run is collapsing or diverging (a lower --lr "
         "usually prevents it); vit_t16_classify_best.pt keeps the best weights"
     ]
-    assert (tmp_path / "vit_t16_classify_best.pt").is_file()
+    assert result.best == tmp_path / "vit_t16_classify_best.pt" and result.best.is_file()
+
+
+def test_mim_with_eval_knn_keeps_and_names_its_best(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shapes = make_shapes(tmp_path / "shapes", per_class=3, size=32)
+    argv = ["train", "mim", str(shapes), "--arch", "vit_t16", "--size", "32", "--model-config", json.dumps(TINY_VIT)]
+    argv += ["--steps", "2", "--batch-size", "3", "--workers", "0", "--eval-knn", str(shapes), str(shapes)]
+    assert main([*argv, "--eval-every", "1", "-o", str(tmp_path / "run")]) == 0
+    best = tmp_path / "run" / "vit_t16_mim_best.pt"
+    assert f"best model: {best}" in capsys.readouterr().out.splitlines() and best.is_file()

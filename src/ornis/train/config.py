@@ -146,6 +146,7 @@ class TrainResult:
     logs: list[dict[str, float]] = field(default_factory=list)  # every step's logged numbers
     checkpoint: Path | None = None  # the final published-format model
     states: Path | None = None  # the last states file written
+    best: Path | None = None  # <tag>_best.pt (rank 0), when a best_metric was measured
 
 
 class Recipe:

@@ -157,6 +157,7 @@ def run(recipe: Recipe, dataset: Dataset, cfg: TrainConfig) -> TrainResult:
     finally:
         runlog.close()
     result.checkpoint = _write_final(s)
+    result.best = _best_file(s)
     barrier()
     return result
 
@@ -215,6 +216,14 @@ def _evaluate(s: _Session, knn: KnnMonitor | None, done: int) -> dict[str, float
     s.model.train()
     barrier()
     return out
+
+
+def _best_file(s: _Session) -> Path | None:
+    """``<tag>_best.pt`` on rank 0 when a best was measured (by this run or the one it resumed)."""
+    if not s.dist.is_main or s.out_dir is None or not math.isfinite(s.best):
+        return None
+    path = s.out_dir / f"{s.recipe.tag}_best.pt"
+    return path if path.is_file() else None
 
 
 def _start(recipe: Recipe, cfg: TrainConfig) -> _Session:

@@ -176,11 +176,13 @@ def one_or_many(paths: list[str]) -> str | list[str]:
 
 
 def report(result: TrainResult, metrics: dict[str, float] | None = None) -> int:
-    """Print where the model and the training state went (and validation numbers); the exit code."""
+    """Print where the model, the training state and the best model went (and validation numbers); the exit code."""
     if result.checkpoint is not None:
         print(f"model: {result.checkpoint}")
     if result.states is not None:
         print(f"training state: {result.states}")
+    if result.best is not None:
+        print(f"best model: {result.best}")
     if metrics:
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
