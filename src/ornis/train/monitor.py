@@ -65,14 +65,16 @@ def best_logged(path: Path, key: str | None, done: int) -> float:
     return best
 
 
-# An evaluation below this share of its best says the run is collapsing or diverging, not noise: the k-NN of a few
-# hundred held-out images moves by about 0.02-0.03 between evaluations of a healthy run
+# An evaluation below this share of its best, and at least MIN_FALL below it, says the run is collapsing or
+# diverging, not noise: the k-NN of a few hundred held-out images moves by about 0.02-0.03 between evaluations of a
+# healthy run, and near chance a small absolute wobble is a large share
 FALL_RATIO = 0.8
+MIN_FALL = 0.05
 
 
 def fell_from_best(value: float, best: float, ratio: float = FALL_RATIO) -> bool:
-    """Whether ``value`` is below ``ratio`` of a (finite, positive) ``best``."""
-    return math.isfinite(best) and best > 0 and value < ratio * best
+    """Whether ``value`` is below ``ratio`` of a (finite, positive) ``best`` and at least ``MIN_FALL`` under it."""
+    return math.isfinite(best) and best > 0 and value < ratio * best and best - value >= MIN_FALL
 
 
 class RunLog:
