@@ -77,7 +77,8 @@ def add_loop_arguments(p: argparse.ArgumentParser, defaults: OptimDefaults | Non
         metavar=("TRAIN", "VAL"),
         default=default_of(TrainConfig, "eval_knn"),
         help="labelled folders (<class>/<image>): k-NN top-1 (k=20) of the embeddings every --eval-every steps; "
-        "dino-v2 and mim keep the best as <tag>_best.pt, and a k-NN below 80%% of its best is warned about",
+        "dino-v2 and mim keep the best as <tag>_best.pt; a k-NN below 80%% of its best (and 0.05 under it) is "
+        "warned about",
     )
     _add(e, "--eval-every", "eval_every", non_negative_int, "steps between evaluations (0: at the end only)")
     e.add_argument(
