@@ -195,7 +195,7 @@ def _evaluate(s: _Session, knn: KnnMonitor | None, done: int) -> dict[str, float
         key = s.recipe.best_metric
         if key in out and s.dist.is_main and not s.fall_warned and fell_from_best(out[key], s.best):
             s.fall_warned = True
-            kept = f"; {s.recipe.tag}_best.pt keeps the best weights" if s.out_dir is not None else ""
+            kept = f"; {_best_name(s)} keeps the best weights" if s.out_dir is not None else ""
             log.warning(
                 "step %d: %s %.4f fell below %d%% of its best %.4f: the run is collapsing or diverging (a lower "
                 "--lr usually prevents it)%s",
@@ -211,18 +211,23 @@ def _evaluate(s: _Session, knn: KnnMonitor | None, done: int) -> dict[str, float
             # under FSDP every rank takes part in gathering the sharded weights (a validation figure is on all)
             ckpt = s.recipe.export_checkpoint() if s.dist.is_main or s.cfg.fsdp else None
             if s.dist.is_main:
-                write_checkpoint(ckpt, s.out_dir / f"{s.recipe.tag}_best.pt")
-                log.info("step %d: best %s %.4f, wrote %s_best.pt", done, key, out[key], s.recipe.tag)
+                write_checkpoint(ckpt, s.out_dir / _best_name(s))
+                log.info("step %d: best %s %.4f, wrote %s", done, key, out[key], _best_name(s))
     s.model.train()
     barrier()
     return out
+
+
+def _best_name(s: _Session) -> str:
+    """The file name of the model at the best ``recipe.best_metric``."""
+    return f"{s.recipe.tag}_best.pt"
 
 
 def _best_file(s: _Session) -> Path | None:
     """``<tag>_best.pt`` on rank 0 when a best was measured (by this run or the one it resumed)."""
     if not s.dist.is_main or s.out_dir is None or not math.isfinite(s.best):
         return None
-    path = s.out_dir / f"{s.recipe.tag}_best.pt"
+    path = s.out_dir / _best_name(s)
     return path if path.is_file() else None
 
 

@@ -72,9 +72,9 @@ FALL_RATIO = 0.8
 MIN_FALL = 0.05
 
 
-def fell_from_best(value: float, best: float, ratio: float = FALL_RATIO) -> bool:
-    """Whether ``value`` is below ``ratio`` of a (finite, positive) ``best`` and at least ``MIN_FALL`` under it."""
-    return math.isfinite(best) and best > 0 and value < ratio * best and best - value >= MIN_FALL
+def fell_from_best(value: float, best: float) -> bool:
+    """Whether ``value`` is below ``FALL_RATIO`` of a (finite, positive) ``best`` and at least ``MIN_FALL`` under it."""
+    return math.isfinite(best) and best > 0 and value < FALL_RATIO * best and best - value >= MIN_FALL
 
 
 class RunLog:
