@@ -8,7 +8,8 @@ but their own random values: speed does not depend on the values.
 
 GPU (the issue's setting; batch 256 at the card size, 32 for ViT-L at 518):
     python benchmarks/throughput.py --device cuda --dtype bf16 --compile both -o benchmarks/results/h100.json
-CPU (fp32 eager, small batches):
+CPU (fp32 eager, small batches; ornis is also timed with its oneDNN linear kernels off, ``ornis-pytorch-layers``,
+and ``paired_speedup_of_onednn_kernels`` is what they gain):
     python benchmarks/throughput.py --device cpu --dtype fp32 --compile off --batch 8 --iters 3
 
 The CPU fast path (``ornis.models.precision.prepare_for_inference``) is timed for ornis only, per mode, with
@@ -313,11 +314,25 @@ def measure_interleaved(fns: dict[str, Callable], x: torch.Tensor, dtype: str, i
     }
 
 
+def pytorch_layers(fn: Callable) -> Callable:
+    """``fn`` with ornis's oneDNN linear kernels off (``ornis.models.onednn``): what they gain on the CPU."""
+    from ornis.models import onednn
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with onednn.enabled(False):
+            return fn(x)
+
+    return run
+
+
 def paired_speedups(runs: dict) -> dict:
     """ornis over each reference, eager, as the median of the per-round ratios: the rounds were timed in turn, so
     a ratio compares two runs under the same load from other processes (steadier than a ratio of medians)."""
     ours = runs.get("ornis|eager", {}).get("img_per_s_runs")
     out = {}
+    plain = runs.get("ornis-pytorch-layers|eager", {}).get("img_per_s_runs")
+    if ours and plain:
+        out["paired_speedup_of_onednn_kernels"] = round(statistics.median(a / b for a, b in zip(ours, plain)), 3)
     for label, r in runs.items():
         if ours and label.endswith("|eager") and not label.startswith("ornis") and r.get("img_per_s_runs"):
             ratios = [a / b for a, b in zip(ours, r["img_per_s_runs"])]
@@ -358,6 +373,8 @@ def run(args: argparse.Namespace) -> dict:
         for compiled in compile_modes:
             mode = "compiled" if compiled else "eager"
             fns = {label: (torch.compile(fn) if compiled else fn) for label, (fn, _) in built.items()}
+            if device.type == "cpu" and not compiled and args.dtype == "fp32":
+                fns["ornis-pytorch-layers"] = pytorch_layers(net.embedding)
             try:
                 timed = measure_interleaved(fns, xin, args.dtype, args.iters, args.warmup, args.repeats)
             except Exception as e:

@@ -12,9 +12,19 @@ import pytest
 import torch
 
 import ornis
+from ornis.models import onednn
 from ornis.models.capabilities import visible_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def pytorch_layers():
+    """Compiled graphs run PyTorch's own linear layers; the eager results they are compared with exactly run them too
+    (eager CPU inference otherwise takes oneDNN's fused kernels, within ~3e-6: tests/test_onednn.py)."""
+    with onednn.enabled(False):
+        yield
+
 
 SMALL = {  # one small variant per code path, at a size that exercises its windows / interpolation
     "hiera_abswin_tiny": 224,

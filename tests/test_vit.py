@@ -136,9 +136,10 @@ def test_forward_intermediates(vit_nps) -> None:
     with torch.no_grad():
         feats = net.forward_intermediates(x, indices=[2, -1])
         tokens = net.forward_features(x)
+        neck = net.detection_features(x)["neck"]
     assert list(feats.maps) == ["block2", "block11"]
     assert all(m.shape == (2, 384, 16, 20) for m in feats.maps.values())
-    assert torch.equal(feats.maps["block11"], net.detection_features(x)["neck"])
+    assert torch.equal(feats.maps["block11"], neck)
     # Token layout: [4 registers, class, 16*20 patches]
     assert tokens.shape == (2, 4 + 1 + 320, 384)
     assert torch.equal(feats.register_tokens, tokens[:, :4]) and torch.equal(feats.cls_token, tokens[:, 4])

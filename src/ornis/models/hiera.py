@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ornis.models import onednn
 from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout, visible_cells
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
 from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid
@@ -107,14 +108,14 @@ class MaskUnitAttention(nn.Module):
         # the kept mask units, and so does `windows`
         windows = N // (self.q_stride * self.window_tokens) if self.mask_unit_attn else 1
         T = N // windows
-        qkv = self.qkv(x).view(B, T, windows, 3, self.heads, self.head_dim)
+        qkv = onednn.linear(self.qkv, x).view(B, T, windows, 3, self.heads, self.head_dim)
         # One copy into (3, B, heads * windows, T, head_dim): 4-D, so the flash / memory-efficient kernels apply
         q, k, v = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, T, self.head_dim).unbind(0)
         if self.q_stride > 1:
             q = q.view(B, self.heads * windows, self.q_stride, T // self.q_stride, self.head_dim).amax(dim=2)
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.view(B, self.heads, windows, -1, self.head_dim).permute(0, 3, 2, 1, 4).reshape(B, -1, self.dim_out)
-        return self.proj(x)
+        return onednn.linear(self.proj, x)
 
 
 class HieraBlock(nn.Module):
@@ -134,7 +135,7 @@ class HieraBlock(nn.Module):
         """(B, N, dim) -> (B, N / q_stride, dim_out)."""
         x_norm = self.norm1(x)
         if self.proj is not None:
-            x = self.proj(x_norm)
+            x = onednn.linear(self.proj, x_norm)
             x = x.view(x.shape[0], self.q_stride, -1, x.shape[-1]).amax(dim=1)  # the shortcut's max-pool
         x = x + self.drop_path(self.attn(x_norm))
         return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ornis.models import onednn
 from ornis.models.capabilities import MaskedTokenRetention, RetainedTokens
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
 from ornis.models.layers import DropPath, Mlp, drop_path_rates
@@ -109,7 +110,7 @@ class MultiScaleAttention(nn.Module):
         """(B, H, W, dim) -> (B, H', W', dim_out), H' = H / 2 with query pooling."""
         B, H, W, _ = x.shape
         # Views of one (B, H, W, 3, heads, head_dim) tensor: no copies before SDPA
-        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        q, k, v = onednn.linear(self.qkv, x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         if self.q_pool:
             q = q.reshape(B, H, W, -1)
             q = pool_2x2(q).view(B, H // 2, W // 2, self.num_heads, self.head_dim)
@@ -118,7 +119,7 @@ class MultiScaleAttention(nn.Module):
         k = k.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
+        return onednn.linear(self.proj, x.transpose(1, 2).reshape(B, H, W, -1))
 
 
 class MultiScaleBlock(nn.Module):
@@ -144,7 +145,7 @@ class MultiScaleBlock(nn.Module):
         x_norm = self.norm1(x)
         shortcut = x
         if self.proj is not None:
-            shortcut = self.proj(x_norm)
+            shortcut = onednn.linear(self.proj, x_norm)
             if self.q_pool:
                 shortcut = pool_2x2(shortcut)
         if self.window_size > 0:

@@ -15,6 +15,8 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
+from ornis.models import onednn
+
 NormKind = Literal["layernorm", "rmsnorm"]
 
 
@@ -84,6 +86,11 @@ class Mlp(nn.Sequential):
             nn.Dropout(dropout),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers in order; without gradients on the CPU, bias and GELU fused into the matmuls (``onednn``)."""
+        fc1, act, drop1, fc2, drop2 = self
+        return drop2(onednn.linear(fc2, drop1(onednn.linear_gelu(fc1, act, x))))
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernels."""
@@ -101,11 +108,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            onednn.linear(self.qkv, x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return onednn.linear(self.proj, x.transpose(1, 2).reshape(B, N, C))
 
 
 def same_size(a: tuple[int, int], b: tuple[int, int]) -> bool:
