@@ -78,6 +78,22 @@ def test_tracing_and_flop_counting_see_pytorchs_layers() -> None:
         traced = torch.jit.trace_module(net, {"embedding": x}, check_trace=False)
     graph = str(traced.embedding.inlined_graph)
     assert "mkldnn" not in graph and "aten::linear" in graph
+    with torch.no_grad():
+        fx_graph = str(torch.fx.symbolic_trace(Mlp(8, 16).eval()).graph)
+    assert "mkldnn" not in fx_graph and fx_graph.count("call_module") == 5
+
+
+def test_compiled_inference_is_one_graph_with_the_kernels_on() -> None:
+    """torch.compile traces the kernels' checks without a graph break (tests/test_compile.py runs with them off)."""
+    net = small("hieradet_tiny")
+    x = torch.randn(2, 3, 224, 224)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        compiled = torch.compile(net.embedding, backend="eager", fullgraph=True)(x)
+        eager = net.embedding(x)
+        explained = torch._dynamo.explain(net.embedding)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert scale_err(compiled, eager) < 1e-5
 
 
 def test_hooks_autocast_and_quantised_layers_are_honoured() -> None:

@@ -23,9 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # is_fx_tracing also answers for torch.export (and warns that it does); the newer name asks about FX alone
-_fx_tracing = getattr(
-    torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing
-)
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = True
 
