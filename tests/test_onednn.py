@@ -107,6 +107,11 @@ def test_hooks_autocast_and_quantised_layers_are_honoured() -> None:
         handle.remove()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert kernel_calls(mlp, x)[0] == 0
+        torch.backends.mkldnn.enabled = False  # not flags(): it also sets TF32 options and warns about Intel GPUs
+        try:
+            assert kernel_calls(mlp, x)[0] == 0
+        finally:
+            torch.backends.mkldnn.enabled = True
         assert kernel_calls(mlp.double(), x.double())[0] == 0  # fp32 only
     int8 = prepare_for_inference(small("vit_reg4_t14_nps_ls"), "int8")
     with torch.inference_mode():

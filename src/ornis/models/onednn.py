@@ -9,8 +9,9 @@ rounding, the order of the sums), as two BLAS libraries do.
 
 The kernel has no backward, so it runs only where nothing records gradients and nothing traces: gradients off, an
 fp32 model on the CPU without autocast, a plain ``nn.Linear`` without hooks, no ``torch.compile`` / export / jit
-tracing / FX / dispatch mode (FLOP counters, fake tensors) active. Everywhere else the layers run as PyTorch's.
-``enabled(False)`` switches it off for a block (benchmarks compare both).
+tracing / FX / dispatch mode (FLOP counters, fake tensors) active, and ``torch.backends.mkldnn.enabled``. Everywhere
+else the layers run as PyTorch's. ``enabled(False)`` switches it off for a block, process-wide (not per thread):
+benchmarks compare both, and tests that compare compiled graphs with eager results exactly use it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _tracing() -> bool:
 
 def usable(x: torch.Tensor, *layers: nn.Module) -> bool:
     """Whether ``layers`` (plain ``nn.Linear``s) can run on ``x`` through oneDNN (module docstring)."""
-    if not (_AVAILABLE and _enabled) or torch.is_grad_enabled():
+    if not (_AVAILABLE and _enabled and torch.backends.mkldnn.enabled) or torch.is_grad_enabled():
         return False
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
