@@ -106,7 +106,7 @@ def test_hooks_autocast_and_quantised_layers_are_honoured() -> None:
         assert seen == [(4, 64)] and calls == 1  # fc1 (hooked) ran as itself, fc2 through oneDNN
         handle.remove()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert kernel_calls(mlp, x)[0] == 0
+            assert kernel_calls(mlp, x)[0] == 0  # fp32 weights under autocast: PyTorch casts them per call
         torch.backends.mkldnn.enabled = False  # not flags(): it also sets TF32 options and warns about Intel GPUs
         try:
             assert kernel_calls(mlp, x)[0] == 0
@@ -116,6 +116,23 @@ def test_hooks_autocast_and_quantised_layers_are_honoured() -> None:
     int8 = prepare_for_inference(small("vit_reg4_t14_nps_ls"), "int8")
     with torch.inference_mode():
         assert kernel_calls(int8.embedding, torch.randn(1, 3, 224, 224))[0] == 0
+
+
+@pytest.mark.skipif(not onednn._BF16, reason="this CPU has no bf16 kernels")
+def test_bf16_fast_path_takes_the_kernels_and_keeps_its_accuracy() -> None:
+    net = small("hieradet_tiny")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    bf16 = prepare_for_inference(net, "bf16")
+    with torch.inference_mode():
+        want = net.embedding(x)
+        calls, fast = kernel_calls(bf16.embedding, x)
+        with onednn.enabled(False):
+            autocast = bf16.embedding(x)
+    assert calls == sum(type(m) is nn.Linear for m in net.modules()) - 1
+    assert fast.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity
+    # bf16 rounding either way: both as close to fp32 as PRECISION_ACCURACY states, and to each other
+    assert cos(fast, want).min() > 0.9999 and cos(autocast, want).min() > 0.9999 and cos(fast, autocast).min() > 0.9999
 
 
 def test_mlp_matches_pytorch_to_float_rounding() -> None:
