@@ -18,6 +18,7 @@ benchmarks compare both, and tests that compare compiled graphs with eager resul
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -26,8 +27,18 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # is_fx_tracing also answers for torch.export (and warns that it does); the newer name asks about FX alone
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
-_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_BF16 = _AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512-BF16 / AMX: bf16 kernels, not emulation
+# x86 only: that is where the kernels were measured faster (ARM builds route oneDNN through other libraries)
+_AVAILABLE = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+# AVX-512-BF16 / AMX: bf16 kernels rather than emulation
+_BF16 = (
+    _AVAILABLE
+    and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 _FLOATS = (torch.float32, torch.bfloat16)
 _enabled = True
 
