@@ -8,7 +8,7 @@ cores (AVX-512, torch 2.14.1): a HieraDet first-stage MLP (25,088 tokens, 96 -> 
 outputs differ from ``addmm``'s by at most ~3e-6 (float rounding, the order of the sums), as two BLAS libraries do.
 
 The kernel has no backward, so it runs only where nothing records gradients and nothing traces: gradients off, a
-plain ``nn.Linear`` without hooks on the CPU, fp32 weights and input without autocast, or bf16 weights (alone or
+plain ``nn.Linear`` without hooks on an x86 CPU, fp32 weights and input without autocast, or bf16 weights (alone or
 under CPU autocast to bf16, the bf16 fast path) on a CPU with bf16 kernels, no ``torch.compile`` / export / jit
 tracing / FX / dispatch mode (FLOP counters, fake tensors) active, and ``torch.backends.mkldnn.enabled``. Everywhere
 else the layers run as PyTorch's. ``enabled(False)`` switches it off for a block, process-wide (not per thread):
