@@ -4,7 +4,7 @@
 the product to it; the MLP's GELU is one more pass over the widest activation. oneDNN's ``linear_pointwise`` kernel
 (the one inductor emits for CPU) adds the bias and applies the GELU while it writes the product. Measured on 2 CPU
 cores (AVX-512, torch 2.14.1): a HieraDet first-stage MLP (25,088 tokens, 96 -> 384 -> 96) 49 -> 33 ms in fp32 and
-18.4 -> 13.8 ms in bf16 (against autocast), later-stage MLPs 6-15 % faster, a qkv projection 5-12 % faster. fp32
+18.4 -> 13.8 ms in bf16 (against autocast), later-stage MLPs 6-15 % faster, other linear layers 1-13 % faster. fp32
 outputs differ from ``addmm``'s by at most ~3e-6 (float rounding, the order of the sums), as two BLAS libraries do.
 
 The kernel has no backward, so it runs only where nothing records gradients and nothing traces: gradients off, a
