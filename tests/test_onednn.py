@@ -65,6 +65,7 @@ def test_gradients_run_pytorchs_layers_and_backpropagate() -> None:
     assert net.body[0][0].mlp[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the size checks trace as constants: expected here
 def test_tracing_and_flop_counting_see_pytorchs_layers() -> None:
     net = small("vit_reg4_t14_nps_ls")
     x = torch.randn(1, 3, 224, 224)
