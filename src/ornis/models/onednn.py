@@ -72,9 +72,8 @@ def kernel_dtype(x: torch.Tensor, fc: nn.Module) -> torch.dtype | None:
         return None
     if type(x) is not torch.Tensor or x.device.type != "cpu" or type(fc) is not nn.Linear or _tracing():
         return None
-    if fc._forward_hooks or fc._forward_pre_hooks or nn.modules.module._global_forward_hooks:
-        return None
-    if nn.modules.module._global_forward_pre_hooks:
+    module = nn.modules.module
+    if any((fc._forward_hooks, fc._forward_pre_hooks, module._global_forward_hooks, module._global_forward_pre_hooks)):
         return None
     weight = fc.weight.dtype
     if torch.is_autocast_enabled("cpu"):
