@@ -17,15 +17,17 @@ from ornis.data.transforms import classification_transform
 
 
 class seeded:
-    """Run a block with torch's, Python's and NumPy's global RNGs seeded, restoring them afterwards (torchvision's
-    random transforms draw from the global generators)."""
+    """Run a block with torch's (CPU), Python's and NumPy's global RNGs seeded, restoring them afterwards
+    (torchvision's random transforms draw from the global generators). Only the CPU generator is seeded: the
+    transforms draw nowhere else, and ``torch.manual_seed`` would also reseed (and not restore) CUDA's, at about
+    0.4 ms a call."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
     def __enter__(self) -> None:
         self._states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        torch.manual_seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
 
