@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from PIL import Image
 from ornis.assets import DEMO_MODEL
 from ornis.cli.main import describe, main, os_error_message
 from ornis.errors import EmbeddingsFormatError, OrnisError
+from ornis.utils.fs import atomic_write_text
 
 SUBPROCESS_TIMEOUT = 180  # seconds: importing torch on a busy 2-core machine is slow; a hang fails, never blocks
 
@@ -43,6 +45,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "text.txt").write_text("not an image, not a checkpoint\n")
     (root / "a_file").write_text("a file where a folder should be\n")
     (root / "dir.json").mkdir()  # a folder where a file should be
+    os.mkfifo(root / "fifo.out")  # a special file where a file should be: never replaced, never opened
     x = rng.normal(size=(24, 8)).astype(np.float32)
     labels = np.arange(24) % 3
     _write(root / "good.parquet", x, [f"/d/c{c}/{i}.jpg" for i, c in enumerate(labels)])
@@ -93,6 +96,7 @@ CASES = [
     case("export", M, "-o", f"{W}/x.onnx", "--size", "0", "0", code=2, match="--size"),
     case("export", M, "-o", f"{W}/x.unknown", code=1, match="x.unknown"),
     case("export", M, "-o", f"{W}/dir.json", "--format", "onnx", code=1, match="dir.json"),
+    case("export", M, "-o", f"{W}/fifo.out", "--format", "pts", code=1, match="fifo.out is a special file"),
     # train
     case("train", "classify", f"{W}/images", "--arch", T, "-o", f"{W}/t1", "--steps", "-5", code=2, match="--steps"),
     case(
@@ -151,6 +155,7 @@ CASES = [
     case("eval", "knn", f"{W}/nan.parquet", code=1, match="2 of 24 rows have non-finite"),
     case("eval", "knn", f"{W}/garbage.parquet", code=1, match="not a Parquet file"),
     case("eval", "knn", f"{W}/good.parquet", "--json", f"{W}/dir.json", code=1, match="Is a directory"),
+    case("eval", "knn", f"{W}/good.parquet", "--json", f"{W}/fifo.out", code=1, match="is a special file"),
     case("eval", "knn", f"{W}/good.parquet", "--json", f"{W}/a_file/x.json", code=1, match="Not a directory"),
     case("eval", "linear", f"{W}/empty.parquet", code=1, match="no rows"),
     case("eval", "linear", f"{W}/nulls.parquet", "--label-column", "label", code=1, match="no label in column"),
@@ -167,6 +172,7 @@ CASES = [
     case("index", "duplicates", f"{W}/index", "--threshold", "2", code=2, match="--threshold"),
     case("index", "duplicates", f"{W}/index", "--threshold", "nan", code=2, match="--threshold"),
     case("index", "duplicates", f"{W}/index", "--csv", f"{W}/dir.json", code=1, match="Is a directory"),
+    case("index", "duplicates", f"{W}/index", "--csv", f"{W}/fifo.out", code=1, match="is a special file"),
     # demo
     case("demo", "-o", f"{W}/a_file", code=1, match="Not a directory"),
     case("demo", "--held-out", "-5", code=2, match="--held-out"),
@@ -332,3 +338,30 @@ def test_an_unwritable_output_folder_is_refused_before_the_work(
         captured = capsys.readouterr()
         assert captured.err.strip() == f"ornis: error: {work / 'ro'}: {reason}" and captured.out == ""
     assert list((work / "ro").iterdir()) == []
+
+
+def test_a_special_file_given_as_output_is_left_as_it_was(work: Path) -> None:
+    """``-o /dev/null`` once replaced the device node with a regular file (the atomic rename); a FIFO stands in."""
+    fifo = work / "fifo.out"
+    for argv in (
+        ["export", DEMO_MODEL, "-o", str(fifo), "--format", "pts"],
+        ["eval", "knn", str(work / "good.parquet"), "--json", str(fifo)],
+    ):
+        assert main(argv) == 1
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [p.name for p in work.iterdir() if p.name.startswith(".fifo.out")] == []  # no temporary file left
+
+
+def test_atomic_path_refuses_special_files_before_writing(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OrnisError, match=r"pipe is a special file \(device, FIFO or socket\), not a regular file"):
+        atomic_write_text(fifo, "x")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OrnisError, match="d is a folder, not a regular file"):
+        atomic_write_text(tmp_path / "d", "x")
+    (tmp_path / "link").symlink_to(fifo)
+    with pytest.raises(OrnisError, match="link is a special file"):
+        atomic_write_text(tmp_path / "link", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "link", "pipe"]
+    assert atomic_write_text(tmp_path / "new.txt", "x").read_text() == "x"

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ornis.utils.fs import refuse_special
+
 
 def add_output_argument(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
@@ -118,10 +120,13 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> Path:
     """Refuse, before any work, an output that cannot be written: ``path`` (a file, or with ``folder=True`` a folder)
     exists as the other kind, a part of its parent is a file, or its nearest existing folder does not take a new file
     (permissions, read-only file system; tried by creating and removing one, so it holds for root too). Raises the
-    ``OSError`` the write would have raised later, naming the path; returns ``path``. Creates nothing."""
+    ``OSError`` the write would have raised later, naming the path (``OrnisError`` for a special file such as
+    ``/dev/null``); returns ``path``. Creates nothing."""
     path = Path(path)
     if path.exists() and folder != path.is_dir():
         raise _os_error(errno.ENOTDIR if folder else errno.EISDIR, path)
+    if not folder:
+        refuse_special(path)  # /dev/null, a FIFO: OrnisError, never replaced by the atomic rename
     where = path if folder and path.is_dir() else path.parent
     while not where.exists() and where != where.parent:
         where = where.parent

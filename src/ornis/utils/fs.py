@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ornis.errors import OrnisError
 
 
 def file_mode() -> int:
@@ -23,6 +26,17 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def refuse_special(path: Path) -> None:
+    """Raise ``OrnisError`` when ``path`` (links followed) exists and is not a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a special file (device, FIFO or socket)"
+        raise OrnisError(f"{path} is {kind}, not a regular file; give the path of a file to write")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str | None = None, fsync: bool = False) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` to write to; when the block ends without an error it replaces
@@ -31,8 +45,12 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None, fsync: bo
     The temporary file already exists, empty, with the umask's mode, so writers that open it by name (``torch.save``,
     ``pq.write_table``, ``safetensors``, ONNX) keep that mode. ``suffix`` is kept at its end for writers that pick the
     format by name (default: ``path``'s own suffix). ``fsync=True`` flushes the data to disk before the rename.
+
+    A ``path`` that exists and is not a regular file (``/dev/null``, a FIFO, a socket, a folder) is refused with
+    ``OrnisError`` before anything is written: the rename would replace the special file itself.
     """
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     end = path.suffix if suffix is None else suffix
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{end}")
