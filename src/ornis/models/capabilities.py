@@ -4,6 +4,7 @@ calls ``require``) and then uses the one entry point the capability defines, nev
 
 Token omission (MAE-style masked image modelling): the encoder runs on the visible cells only. Token retention
 (iBOT / DINOv2): every position is encoded, the masked ones with their stem tokens replaced by a mask token.
+Sine-cosine positions: the learned position table can start as a 2-D sine-cosine one.
 """
 
 from __future__ import annotations
@@ -112,6 +113,17 @@ class MaskedTokenRetention:
         """Encode ``x`` with the cells where ``mask`` (B, rows * columns) is True blanked to ``mask_token``
         (``stem_width``,) before the position embedding (to zero without a token). ``patch_size``: a FlexiViT's
         patch size for this call (encoders with a fixed stem refuse it)."""
+        raise NotImplementedError
+
+
+class SinCosPositions:
+    """Capability: start the learned position embeddings as a 2-D sine-cosine table (``layers.sincos_table``, MAE's
+    fixed table) instead of small random values, for training from scratch. At std 0.02 the positions are lost
+    against the patch embeddings, and a random encoder pools an image into a bag of its patches."""
+
+    def init_sincos_positions(self) -> None:
+        """Overwrite the position table(s) in place: the grid's with the sine-cosine table, any other (special
+        tokens', a window's) with zeros."""
         raise NotImplementedError
 
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ornis.models import onednn
-from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout, visible_cells
+from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout, SinCosPositions, visible_cells
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
-from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid, sincos_table
 from ornis.models.registry import register_model
 
 MASK_UNIT = 8  # tokens per side of a mask unit
@@ -181,7 +181,7 @@ def reroll(x: torch.Tensor, levels: int, units: tuple[int, int] | None) -> torch
     return x.permute(0, 2 * levels + 3, 2 * levels + 1, *sy, 2 * levels + 2, *sx).reshape(B, C, h * m, w * m)
 
 
-class Hiera(HierarchicalEncoder, MaskedTokenOmission):
+class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
     """Hiera over the unrolled token layout of the module docstring. Masked image modelling leaves out whole mask
     units (32 x 32 pixels): ``masked_omission`` (the capability), ``masked_encoding`` and
     ``masked_encoding_omission`` (the reference's API)."""
@@ -231,6 +231,17 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission):
             with torch.no_grad():
                 self.classifier.weight.mul_(0.001)
                 self.classifier.bias.mul_(0.001)
+
+    def init_sincos_positions(self) -> None:
+        """The absolute table (the background one of abs-win, on its own grid) as the 2-D sine-cosine table; the
+        window's zero."""
+        with torch.no_grad():
+            if self.pos_embed_win is None:
+                self.pos_embed.copy_(sincos_table(self.token_grid, self.pos_embed.shape[-1])[None])
+                return
+            _, dim, h, w = self.pos_embed.shape
+            self.pos_embed.copy_(sincos_table((h, w), dim).T.reshape(1, dim, h, w))
+            self.pos_embed_win.zero_()
 
     @property
     def token_grid(self) -> tuple[int, int]:

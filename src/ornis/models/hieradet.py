@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ornis.models import onednn
-from ornis.models.capabilities import MaskedTokenRetention, RetainedTokens
+from ornis.models.capabilities import MaskedTokenRetention, RetainedTokens, SinCosPositions
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
-from ornis.models.layers import DropPath, Mlp, drop_path_rates
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, sincos_table
 from ornis.models.registry import register_model
 
 
@@ -168,7 +168,7 @@ class SpatialMean(nn.Module):
         return x.mean(dim=(1, 2))
 
 
-class HieraDet(HierarchicalEncoder, MaskedTokenRetention):
+class HieraDet(HierarchicalEncoder, MaskedTokenRetention, SinCosPositions):
     """SAM 2's trunk over channels-last maps (module docstring). iBOT / DINOv2 masking keeps every position and
     blanks the masked 32 x 32-pixel cells: ``masked_retention`` (the capability) and ``masked_encoding_retention``
     (the reference's API)."""
@@ -224,6 +224,13 @@ class HieraDet(HierarchicalEncoder, MaskedTokenRetention):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.pos_embed_win, std=0.02)
+
+    def init_sincos_positions(self) -> None:
+        """The background table (interpolated to the stem grid) as the 2-D sine-cosine table; the window's zero."""
+        _, dim, h, w = self.pos_embed.shape
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_table((h, w), dim).T.reshape(1, dim, h, w))
+            self.pos_embed_win.zero_()
 
     @property
     def final_norm(self) -> nn.Module:

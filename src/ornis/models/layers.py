@@ -171,6 +171,24 @@ def interpolate_grid(
     return out.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim).to(grid.dtype)
 
 
+def sincos_table(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """(h*w, ``dim``) 2-D sine-cosine position embeddings, row-major (MAE's and I-JEPA's fixed table): the first half
+    of the channels encodes the row, the second the column, each as sin then cos over ``dim // 4`` frequencies
+    ``1 / 10000^(i / (dim // 4))``. Values in [-1, 1]; ``dim`` must be a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width that is a multiple of 4, found {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        angle = pos[:, None] * omega[None, :]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 _PINV_CACHE: dict[tuple[tuple[int, int], tuple[int, int], str], torch.Tensor] = {}
 
 

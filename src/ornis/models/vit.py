@@ -28,6 +28,7 @@ from ornis.models.capabilities import (
     MaskedTokenRetention,
     OmissionLayout,
     RetainedTokens,
+    SinCosPositions,
     visible_cells,
 )
 from ornis.models.layers import (
@@ -42,6 +43,7 @@ from ornis.models.layers import (
     resample_patch_embed,
     run_stages,
     same_size,
+    sincos_table,
 )
 from ornis.models.registry import register_model
 
@@ -113,7 +115,7 @@ class TransformerEncoder(nn.Module):
         return run_stages(((blk,) for blk in self.block), x, len(self.block) - 1, keep or (), self.grad_checkpointing)
 
 
-class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention):
+class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention, SinCosPositions):
     """A plain ViT (module docstring). Both masked forwards: token omission for MAE (visible patches only) and
     token retention for iBOT / DINOv2 (masked patches replaced by a mask token)."""
 
@@ -158,6 +160,13 @@ class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def init_sincos_positions(self) -> None:
+        """The patch grid's rows of ``pos_embedding`` as the 2-D sine-cosine table; the special tokens' rows zero."""
+        h, w = self.grid_size
+        with torch.no_grad():
+            self.pos_embedding.zero_()
+            self.pos_embedding[0, -h * w :] = sincos_table((h, w), self.pos_embedding.shape[-1])
 
     @property
     def grid_size(self) -> tuple[int, int]:

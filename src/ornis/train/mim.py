@@ -29,7 +29,7 @@ from ornis.models.vit import EncoderBlock, ViTConfig
 from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source, train_transform
 from ornis.train.loop import run
-from ornis.train.start import start_encoder
+from ornis.train.start import Positions, start_encoder
 from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
 log = logging.getLogger("ornis.train")
@@ -267,6 +267,7 @@ class MIMOptions:
     arch: str | None = None  # or start from scratch
     size: int | None = None
     model_config: dict[str, Any] | None = None
+    positions: Positions = "random"  # from scratch: "sincos" starts with a 2-D sine-cosine table (see start_encoder)
     mask_ratio: float | None = None  # default: the encoder's (0.75 for ViT, 0.6 for Hiera)
     mask_unit: int | None = None  # mask-unit side in cells (default 1; ViT: patches); Hiera: its own, leave unset
     decoder_dim: int = 512  # MAE, Hiera-MAE and Birder: 512 wide, 8 blocks, 16 heads
@@ -278,7 +279,7 @@ class MIMOptions:
 
 def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """The masked autoencoder over the encoder ``opts`` starts from, and the encoder's rgb stats."""
-    started = start_encoder(opts.weights, opts.arch, opts.size, opts.model_config)
+    started = start_encoder(opts.weights, opts.arch, opts.size, opts.model_config, positions=opts.positions)
     mae = MaskedAutoencoder(
         started.encoder,
         opts.decoder_dim,

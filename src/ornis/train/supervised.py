@@ -20,7 +20,7 @@ from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import MixupCutmix, SampleDataset, eval_transform, open_source, train_transform
 from ornis.train.evaluation import check_labelled
 from ornis.train.loop import run
-from ornis.train.start import start_encoder
+from ornis.train.start import Positions, start_encoder
 from ornis.utils.distributed import all_reduce_sum, rank, world_size
 from ornis.utils.fs import atomic_write_json
 from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
@@ -135,6 +135,7 @@ class ClassifyOptions:
     arch: str | None = None  # or an architecture to train from scratch
     size: int | None = None  # default: the checkpoint's / the architecture's
     model_config: dict[str, Any] | None = None  # architecture overrides (from scratch), e.g. {"drop_path_rate": 0.1}
+    positions: Positions = "random"  # from scratch: "sincos" starts with a 2-D sine-cosine table (see start_encoder)
     auto_augment: str | None = "randaugment"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True  # off for images whose mirror is another class (digits, text)
@@ -147,7 +148,13 @@ class ClassifyOptions:
 def build_classifier(opts: ClassifyOptions, class_to_idx: dict[str, int]) -> tuple[Encoder, dict[str, Any], int]:
     """The network to train (head sized for ``class_to_idx``), its rgb stats and its input size."""
     started = start_encoder(
-        opts.weights, opts.arch, opts.size, opts.model_config, num_classes=len(class_to_idx), class_to_idx=class_to_idx
+        opts.weights,
+        opts.arch,
+        opts.size,
+        opts.model_config,
+        num_classes=len(class_to_idx),
+        class_to_idx=class_to_idx,
+        positions=opts.positions,
     )
     return started.encoder, started.rgb_stats, started.encoder.size[0]
 

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p,
         "start from a published name or a checkpoint file",
         "start from scratch with this architecture (ornis models)",
+        default_of(ClassifyOptions, "positions"),
     )
     p.add_argument(
         "--aug",
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch,
         size=args.size,
         model_config=args.model_config,
+        positions=args.positions,
         auto_augment=None if args.aug == "none" else args.aug,
         crop_scale=tuple(args.crop_scale),
         hflip=args.hflip,

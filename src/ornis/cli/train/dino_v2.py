@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p,
         "continue pretraining a published name or a checkpoint file",
         "pretrain this architecture from scratch (ornis models)",
+        default_of(DinoV2Options, "positions"),
         size=False,
     )
     g = p.add_argument_group("DINOv2")
@@ -99,6 +100,7 @@ def options_from_args(args: argparse.Namespace) -> DinoV2Options:
         weights=args.weights,
         arch=args.arch,
         model_config=args.model_config,
+        positions=args.positions,
         method=method,
         crops=crops,
     )

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p,
         "start from a published name or a checkpoint file",
         "start from scratch with this architecture (ornis models)",
+        default_of(MIMOptions, "positions"),
     )
     p.add_argument(
         "--mask-ratio",
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch,
         size=args.size,
         model_config=args.model_config,
+        positions=args.positions,
         mask_ratio=args.mask_ratio,
         mask_unit=args.mask_unit,
         decoder_dim=args.decoder_dim,

@@ -17,6 +17,7 @@ from ornis.cli.common import (
     positive_int,
 )
 from ornis.train.config import OptimDefaults, TrainConfig, TrainResult
+from ornis.train.start import POSITIONS
 
 
 def add_loop_arguments(p: argparse.ArgumentParser, defaults: OptimDefaults | None = None) -> None:
@@ -156,8 +157,11 @@ def model_config(text: str) -> dict[str, Any]:
     return value
 
 
-def add_start_arguments(p: argparse.ArgumentParser, weights_help: str, arch_help: str, size: bool = True) -> None:
-    """Where the encoder starts: ``--weights`` or ``--arch`` (exactly one), ``--size``, ``--model-config``."""
+def add_start_arguments(
+    p: argparse.ArgumentParser, weights_help: str, arch_help: str, positions: str, size: bool = True
+) -> None:
+    """Where the encoder starts: ``--weights`` or ``--arch`` (exactly one), ``--size``, ``--model-config``,
+    ``--positions`` (default ``positions``, the recipe's)."""
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--weights", help=weights_help)
     start.add_argument("--arch", help=arch_help)
@@ -168,6 +172,13 @@ def add_start_arguments(p: argparse.ArgumentParser, weights_help: str, arch_help
         type=model_config,
         default=None,
         help="architecture overrides (from scratch) as JSON, e.g. '{\"drop_path_rate\": 0.1}'",
+    )
+    p.add_argument(
+        "--positions",
+        choices=POSITIONS,
+        default=positions,
+        help="from scratch: start the position embeddings as a 2-D sine-cosine table (MAE's) or as the "
+        f"architecture's small random values (default: {positions})",
     )
 
 

@@ -56,7 +56,7 @@ from ornis.train.dino_v2.multicrop import (
 from ornis.train.dino_v2.watch import CollapseWatch
 from ornis.train.loop import run
 from ornis.train.optim import GroupTag, param_groups
-from ornis.train.start import start_encoder
+from ornis.train.start import Positions, start_encoder
 from ornis.utils.distributed import world_size
 from ornis.weights.checkpoint import Checkpoint, checkpoint_from_model
 
@@ -354,6 +354,9 @@ class DinoV2Options:
     weights: str | os.PathLike | None = None  # continue pretraining a published name or a checkpoint file
     arch: str | None = None  # or an architecture from scratch
     model_config: dict[str, Any] | None = None  # architecture overrides (from scratch), e.g. {"drop_path_rate": 0.1}
+    # from scratch: position embeddings start as a 2-D sine-cosine table (see ``start_encoder``); at random init's
+    # std 0.02 a ViT pools a small image into a bag of its patches, and the DINO term has nothing to sharpen
+    positions: Positions = "sincos"
     method: DinoV2Config = field(default_factory=DinoV2Config)
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
 
@@ -362,7 +365,7 @@ def build_backbone(opts: DinoV2Options) -> tuple[Encoder, dict[str, Any]]:
     """The backbone to pretrain (from a checkpoint, or fresh at the global crop size) and its rgb stats. A
     checkpoint keeps its own size: the position embeddings are interpolated to the crops per call."""
     size = opts.crops.global_size if opts.weights is None else None
-    started = start_encoder(opts.weights, opts.arch, size, opts.model_config)
+    started = start_encoder(opts.weights, opts.arch, size, opts.model_config, positions=opts.positions)
     return started.encoder, started.rgb_stats
 
 
