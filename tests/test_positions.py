@@ -3,6 +3,7 @@ what each family writes, where the recipes use it and where they must not (a che
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import ornis
 from ornis.models.capabilities import SinCosPositions
 from ornis.models.layers import sincos_table
 from ornis.train.dino_v2 import DinoV2Options
-from ornis.train.mim import MIMOptions
+from ornis.train.mim import MIMOptions, build_mae
 from ornis.train.start import start_encoder
 from ornis.train.supervised import ClassifyOptions
 
@@ -72,6 +73,16 @@ def test_start_encoder_uses_it_from_scratch_only(tmp_path: Path) -> None:
     assert torch.equal(default.pos_embedding, saved.pos_embedding)  # "random": the architecture's own init
     with pytest.raises(ValueError, match="positions must be one of random, sincos"):
         start_encoder(None, "vit_t16", size, config, positions="sine")
+
+
+def test_mae_from_scratch_starts_both_tables_as_sincos() -> None:
+    size, config = SMALL["vit_t16"]
+    opts = MIMOptions(train=".", arch="vit_t16", size=size, model_config=config, decoder_dim=64, decoder_depth=1)
+    mae, _ = build_mae(dataclasses.replace(opts, positions="sincos"))
+    torch.testing.assert_close(mae.decoder_pos_embed[0], sincos_table((8, 8), 64), rtol=0, atol=0)
+    torch.testing.assert_close(mae.encoder.pos_embedding[0, 1:], sincos_table((8, 8), 192), rtol=0, atol=0)
+    mae, _ = build_mae(opts)
+    assert 0.015 < mae.decoder_pos_embed.std().item() < 0.025  # "random": std 0.02
 
 
 def test_recipe_defaults_and_the_cli_flag(capsys: pytest.CaptureFixture[str]) -> None:

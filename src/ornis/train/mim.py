@@ -25,6 +25,7 @@ from torch import nn
 
 from ornis.models.base import Encoder
 from ornis.models.capabilities import MaskedTokenOmission, require, visible_cells
+from ornis.models.layers import sincos_table
 from ornis.models.vit import EncoderBlock, ViTConfig
 from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source, train_transform
@@ -102,6 +103,7 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float | None = None,
         mask_unit: int | None = None,
         norm_pix: bool = True,
+        sincos_decoder_positions: bool = False,
     ) -> None:
         super().__init__()
         require(encoder, MaskedTokenOmission, "masked image modelling")
@@ -148,6 +150,9 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, self.pixel_patch * self.pixel_patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.decoder_pos_embed, std=0.02)
+        if sincos_decoder_positions:  # MAE's decoder table (learned here, fixed in MAE)
+            with torch.no_grad():
+                self.decoder_pos_embed[0] = sincos_table(self.grid, decoder_dim)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -267,7 +272,8 @@ class MIMOptions:
     arch: str | None = None  # or start from scratch
     size: int | None = None
     model_config: dict[str, Any] | None = None
-    positions: Positions = "random"  # from scratch: "sincos" starts with a 2-D sine-cosine table (see start_encoder)
+    positions: Positions = "random"  # from scratch: "sincos" starts the encoder's and the decoder's tables as 2-D
+    # sine-cosine ones (MAE's, learned here; see start_encoder)
     mask_ratio: float | None = None  # default: the encoder's (0.75 for ViT, 0.6 for Hiera)
     mask_unit: int | None = None  # mask-unit side in cells (default 1; ViT: patches); Hiera: its own, leave unset
     decoder_dim: int = 512  # MAE, Hiera-MAE and Birder: 512 wide, 8 blocks, 16 heads
@@ -288,6 +294,7 @@ def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
         opts.mask_ratio,
         opts.mask_unit,
         opts.norm_pix,
+        sincos_decoder_positions=opts.weights is None and opts.positions == "sincos",
     )
     return mae, started.rgb_stats
 
