@@ -154,6 +154,8 @@ CASES = [
     case("eval", "knn", f"{W}/good.parquet", "--temperature", "0", code=2, match="--temperature"),
     case("eval", "knn", f"{W}/nan.parquet", code=1, match="2 of 24 rows have non-finite"),
     case("eval", "knn", f"{W}/garbage.parquet", code=1, match="not a Parquet file"),
+    case("eval", "knn", f"{W}/fifo.out", code=1, match="fifo.out: a special file (device, FIFO or socket), not a"),
+    case("index", "build", f"{W}/fifo.out", "-o", f"{W}/idx3", code=1, match="a special file"),
     case("eval", "knn", f"{W}/good.parquet", "--json", f"{W}/dir.json", code=1, match="Is a directory"),
     case("eval", "knn", f"{W}/good.parquet", "--json", f"{W}/fifo.out", code=1, match="is a special file"),
     case("eval", "knn", f"{W}/good.parquet", "--json", f"{W}/a_file/x.json", code=1, match="Not a directory"),

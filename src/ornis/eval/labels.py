@@ -136,6 +136,8 @@ def read_embeddings(
     source = Path(source)
     if not source.exists():
         raise EmbeddingsFormatError(f"{source}: no such embeddings file or folder")
+    if not (source.is_file() or source.is_dir()):  # pyarrow calls /dev/null or a FIFO "not found"
+        raise EmbeddingsFormatError(f"{source}: a special file (device, FIFO or socket), not a Parquet file or folder")
     try:
         table = pq.read_table(source)
     except pa.ArrowException as e:
