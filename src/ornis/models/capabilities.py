@@ -119,7 +119,7 @@ class MaskedTokenRetention:
 class SinCosPositions:
     """Capability: start the learned position embeddings as a 2-D sine-cosine table (``layers.sincos_table``, MAE's
     fixed table) instead of small random values, for training from scratch. At std 0.02 the positions are lost
-    against the patch embeddings, and a random encoder pools an image into a bag of its patches."""
+    against the patch embeddings, and a random ViT pools an image into little more than a bag of its patches."""
 
     def init_sincos_positions(self) -> None:
         """Overwrite the position table(s) in place: the grid's with the sine-cosine table, any other (special

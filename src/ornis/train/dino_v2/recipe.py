@@ -354,8 +354,9 @@ class DinoV2Options:
     weights: str | os.PathLike | None = None  # continue pretraining a published name or a checkpoint file
     arch: str | None = None  # or an architecture from scratch
     model_config: dict[str, Any] | None = None  # architecture overrides (from scratch), e.g. {"drop_path_rate": 0.1}
-    # from scratch: position embeddings start as a 2-D sine-cosine table (see ``start_encoder``); at random init's
-    # std 0.02 a ViT pools a small image into a bag of its patches, and the DINO term has nothing to sharpen
+    # from scratch: position embeddings start as a 2-D sine-cosine table (see ``start_encoder``); at std 0.02 a random
+    # ViT pools a small image into little more than a bag of its patches (the README's digits runs: a higher k-NN
+    # peak; the DINO term still at ln K)
     positions: Positions = "sincos"
     method: DinoV2Config = field(default_factory=DinoV2Config)
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
