@@ -35,7 +35,7 @@ from ornis.train.config import TrainConfig
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
 from ornis.train.evaluation import KnnMonitor
 from ornis.train.mim import MIMOptions, train_mim
-from ornis.train.start import start_encoder
+from ornis.train.start import POSITIONS, start_encoder
 from ornis.train.supervised import ClassifyOptions, train_classifier
 
 SIZE = 32
@@ -95,18 +95,18 @@ DINO_ARCHS = {
 }
 
 
+def chosen_positions(args: argparse.Namespace) -> dict[str, str]:
+    """``--positions`` as an option override; none when not given (each recipe's own default)."""
+    return {"positions": args.positions} if args.positions else {}
+
+
 def self_supervised(
-    args: argparse.Namespace,
-    arch: str,
-    size: int,
-    config: dict[str, Any],
-    positions: str,
-    data: tuple[Path, Path],
-    fit: Any,
+    args: argparse.Namespace, opts: DinoV2Options | MIMOptions, size: int, data: tuple[Path, Path], fit: Any
 ) -> tuple[dict[str, Any], Any]:
-    """What DINOv2 and MIM report alike: the k-NN of ``arch`` at random init (seeded) as the recipe starts it
-    (``positions``) and, for sine-cosine positions, with the architecture's own init too; then ``fit()`` timed, its
-    k-NN curve and the last figure. Returns the report's shared fields and the training result."""
+    """What DINOv2 and MIM report alike: the k-NN of ``opts.arch`` at random init (seeded) at ``size`` as the recipe
+    starts it (``opts.positions``) and, for sine-cosine positions, with the architecture's own init too; then
+    ``fit()`` timed, its k-NN curve and the last figure. Returns the report's shared fields and the training result."""
+    arch, config, positions = opts.arch, opts.model_config, opts.positions
     torch.manual_seed(args.seed)
     random_init = knn_of(start_encoder(None, arch, size, config, positions=positions).encoder, *data, size)
     extra = {}
@@ -141,16 +141,10 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512), **overrides)
     crops = MultiCropConfig(size, local, 4)
     opts = DinoV2Options(
-        data=train, arch=arch, model_config=config, positions=args.positions or "sincos", method=method, crops=crops
+        data=train, arch=arch, model_config=config, method=method, crops=crops, **chosen_positions(args)
     )
     shared, result = self_supervised(
-        args,
-        arch,
-        size,
-        config,
-        opts.positions,
-        (train, val),
-        lambda: train_dino_v2(opts, loop(args, work / recipe, train, val)),
+        args, opts, size, (train, val), lambda: train_dino_v2(opts, loop(args, work / recipe, train, val))
     )
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
     changed = "".join(f", {k} {v}" for k, v in overrides.items())
@@ -168,21 +162,10 @@ def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe
     """MAE / Hiera-MAE with the recipe's defaults (or ``--lr``); k-NN at the encoder's training size."""
     arch, size, config = MIM_ARCHS[recipe]
     opts = MIMOptions(
-        train=train,
-        arch=arch,
-        size=size,
-        model_config=config,
-        positions=args.positions or "random",
-        norm_pix=args.norm_pix,
+        train=train, arch=arch, size=size, model_config=config, norm_pix=args.norm_pix, **chosen_positions(args)
     )
     shared, _ = self_supervised(
-        args,
-        arch,
-        size,
-        config,
-        opts.positions,
-        (train, val),
-        lambda: train_mim(opts, loop(args, work / recipe, train, val)),
+        args, opts, size, (train, val), lambda: train_mim(opts, loop(args, work / recipe, train, val))
     )
     targets = "per-patch normalised pixels" if args.norm_pix else "raw pixels (--no-norm-pix)"
     return {"protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE's recipe, {targets}", **shared}
@@ -197,7 +180,7 @@ def run_classify(args: argparse.Namespace, work: Path, train: Path, val: Path, w
         arch=None if weights else args.arch,
         size=args.size,
         model_config=None if weights else VIT if args.arch == "vit_t16" else {},
-        positions=args.positions or "random",
+        **chosen_positions(args),
         auto_augment=args.auto_augment,
         crop_scale=(args.crop_min, 1.0),
         hflip=args.hflip,
@@ -241,7 +224,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=SIZE, help="classify: input size (HieraDet: a multiple of 32)")
     p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
     p.add_argument("--student-temp", type=float, default=None, help="dino-v2: student temperature (default 0.1)")
-    p.add_argument("--positions", choices=("random", "sincos"), help="from scratch (default: each recipe's)")
+    p.add_argument("--positions", choices=POSITIONS, help="from scratch (default: each recipe's)")
     p.add_argument("--no-norm-pix", dest="norm_pix", action="store_false", help="mim: raw pixel targets")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
