@@ -178,3 +178,31 @@ def test_dino_crops_the_backbone_cannot_take_are_refused_before_the_first_step(t
     assert not (tmp_path / "d" / "log.jsonl").exists()
     # no local crops: nothing to refuse about the local size
     assert main([*args, "--local-crops", "0", "-o", str(tmp_path / "ok")]) == 0
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(shapes: Path, tmp_path: Path, capsys) -> None:
+    # it used to surface from the loop's mkdir as "<path>: File exists"
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "run"):
+        assert main(_classify(shapes, out)) == 1  # an OSError, as for every other output (tests/test_cli_errors.py)
+        assert _one_error_line(capsys) == f"ornis: error: {taken}: Not a directory"
+    assert taken.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_mask_probability_outside_0_1_is_refused(tmp_path: Path, capsys, value: str) -> None:
+    args = ["train", "dino-v2", str(tmp_path), "--arch", "vit_t16", "--steps", "1", "-o", str(tmp_path / "d")]
+    assert main([*args, "--mask-probability", value]) == 2
+    err = capsys.readouterr().err
+    assert "argument --mask-probability" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("kw", [{"mask_probability": 1.5}, {"mask_ratio": (0.5, 0.1)}, {"mask_ratio": (0.1, 1.2)}])
+def test_dino_config_refuses_masks_outside_0_1(kw: dict) -> None:
+    from ornis.train.dino_v2 import DinoV2Config
+
+    with pytest.raises(ValueError, match="DinoV2Config.mask_"):
+        DinoV2Config(**kw)
+    DinoV2Config(mask_probability=1.0, mask_ratio=(0.0, 1.0))  # the bounds themselves are accepted

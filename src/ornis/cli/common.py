@@ -97,6 +97,11 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _number(float, text, 0.0, 1.0, True)
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: an integer >= ``minimum``."""
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ornis.cli.common import default_of, fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from ornis.cli.common import (
+    default_of,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
 from ornis.train.dino_v2.recipe import DINO_V2_OPTIM
@@ -36,7 +44,7 @@ METHOD_OPTIONS: dict[str, Any] = {
     "dino_weight": non_negative_float,
     "ibot_weight": non_negative_float,
     "koleo_weight": non_negative_float,
-    "mask_probability": non_negative_float,
+    "mask_probability": probability,
     "freeze_last_layer_steps": non_negative_int,
     "patch_embed_lr_scale": non_negative_float,
     "continue_layer_decay": positive_float,

@@ -9,6 +9,7 @@ from typing import Any
 
 from ornis.cli.common import (
     add_output_argument,
+    check_writable,
     default_of,
     fraction,
     non_negative_float,
@@ -112,7 +113,9 @@ OPTIM_FIELDS = ("lr", "warmup_steps", "weight_decay", "weight_decay_end", "grad_
 
 
 def loop_config(args: argparse.Namespace) -> TrainConfig:
-    """The ``TrainConfig`` the parsed options describe."""
+    """The ``TrainConfig`` the parsed options describe; an ``-o`` that cannot be a writable folder is refused here,
+    before any work (``check_writable``)."""
+    check_writable(args.output, folder=True)
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

@@ -97,6 +97,15 @@ class DinoV2Config:
     collapse_warn_steps: int | None = None  # warn when the DINO loss is still ~ln K after these; None: temp warm-up
     patch_sizes: tuple[int, ...] | None = None  # FlexiViT: the sizes to draw from (default: all that fit the crops)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise ValueError(f"DinoV2Config.mask_probability must be in [0, 1], got {self.mask_probability}")
+        low, high = self.mask_ratio
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(
+                f"DinoV2Config.mask_ratio must be (low, high) with 0 <= low <= high <= 1, got {self.mask_ratio}"
+            )
+
 
 # DINOv2's optimisation: lr 4e-3 x sqrt(B / 1024), 10 % warm-up (10 of 100 epochs), weight decay cosine 0.04 -> 0.4,
 # clip 3.0 per module (backbone and heads apart), AdamW (0.9, 0.999)
