@@ -15,6 +15,7 @@ from support.training import TINY_VIT, dino_recipe, make_shapes, stripes
 from ornis.cli.main import main
 from ornis.errors import OrnisError
 from ornis.train.config import TrainConfig
+from ornis.train.dino_v2 import DinoV2Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,8 +202,6 @@ def test_mask_probability_outside_0_1_is_refused(tmp_path: Path, capsys, value: 
 
 @pytest.mark.parametrize("kw", [{"mask_probability": 1.5}, {"mask_ratio": (0.5, 0.1)}, {"mask_ratio": (0.1, 1.2)}])
 def test_dino_config_refuses_masks_outside_0_1(kw: dict) -> None:
-    from ornis.train.dino_v2 import DinoV2Config
-
     with pytest.raises(ValueError, match="DinoV2Config.mask_"):
         DinoV2Config(**kw)
     DinoV2Config(mask_probability=1.0, mask_ratio=(0.0, 1.0))  # the bounds themselves are accepted
