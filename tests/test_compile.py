@@ -153,7 +153,8 @@ def test_masked_omission_with_a_known_count_compiles_to_one_graph(name: str) -> 
         outs = compiled(x, hidden, num_hidden=n // 2)
         ref = net.masked_omission(x, hidden)
     assert counter.graphs == 1
-    assert outs[-1].shape[:2] == (2, n - n // 2)
+    special = net.omission_layout((size, size)).special_tokens
+    assert outs[-1].shape[:2] == (2, special + n - n // 2)
     for a, b in zip(outs, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -88,8 +88,37 @@ def test_encoder_sees_only_the_visible_tokens():
             y[b, :, (i // g) * p : (i // g + 1) * p, (i % g) * p : (i % g + 1) * p] += 5.0
         with torch.no_grad():
             a, c = mae.encode_visible(x, token_mask), mae.encode_visible(y, token_mask)
-        assert a.shape[1] == int((~token_mask[0]).sum())
+        assert a.shape[1] == mae.special_tokens + int((~token_mask[0]).sum())
         assert torch.allclose(a, c, atol=1e-6), net.name
+
+
+def test_the_decoder_reads_the_class_token():
+    """As in MAE, a ViT's class token joins the decoder: the loss depends on the class token's final output (which
+    nothing else trains) and its gradient reaches it, while the decoder's position table covers the cells only."""
+    from ornis.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("vit_t16", size=32, config=TINY_VIT)
+    mae = MaskedAutoencoder(net, **DECODER, mask_ratio=0.75).eval()
+    assert mae.special_tokens == net.num_special_tokens == 1
+    assert mae.decoder_pos_embed.shape[1] == mae.grid[0] * mae.grid[1]
+    units = mae.units_grid
+    unit_mask = random_unit_mask(2, units[0] * units[1], 0.75, torch.device("cpu"))
+    x = torch.randn(2, 3, 32, 32)
+    shift = torch.zeros(1, 1, net.embedding_size, requires_grad=True)
+
+    def nudge_class_token(module, args, out):  # the final norm's output: class token first
+        return torch.cat([out[:, :1] + shift, out[:, 1:]], dim=1)
+
+    handle = net.norm.register_forward_hook(nudge_class_token)
+    loss, _ = mae(x, unit_mask)
+    loss.backward()
+    assert float(shift.grad.abs().sum()) > 0
+    with torch.no_grad():
+        shift.fill_(1.0)
+        moved, _ = mae(x, unit_mask)
+    handle.remove()
+    assert abs(float(moved) - float(loss.detach())) > 1e-4
 
 
 @pytest.mark.parametrize("arch", ["vit", "hiera"])
@@ -192,12 +221,14 @@ def test_mae_step_has_no_host_sync_and_matches_boolean_indexing(arch):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     with torch.no_grad():
         loss, token_mask = mae(x, unit_mask)
-        visible = mae.decoder_embed(mae.encode_visible(x, token_mask))
+        encoded = mae.decoder_embed(mae.encode_visible(x, token_mask))
+        s = mae.special_tokens
+        visible = encoded[:, s:]
         full = mae.mask_token.expand(2, token_mask.shape[1], -1).clone()
         full[~token_mask] = visible.reshape(-1, visible.shape[-1])
-        h = full + mae.decoder_pos_embed
+        h = torch.cat([encoded[:, :s], full + mae.decoder_pos_embed], dim=1)
         for blk in mae.decoder_blocks:
             h = blk(h)
-        pred = mae.decoder_pred(mae.decoder_norm(h))
+        pred = mae.decoder_pred(mae.decoder_norm(h[:, s:]))
         expected = normalized_pixel_loss(pred, x, token_mask, mae.pixel_patch, mae.norm_pix)
     assert float(loss) == float(expected)

@@ -36,6 +36,9 @@ class OmissionLayout(NamedTuple):
     scale_channels, scale_sides
         Per output of ``masked_omission`` (finest first, the final one last): its width, and the side m of the
         m x m positions each visible cell has at that scale.
+    special_tokens
+        Tokens that belong to no cell and see every visible one (a ViT's class and register tokens): the final
+        output of ``masked_omission`` starts with them.
     """
 
     grid: tuple[int, int]
@@ -43,6 +46,7 @@ class OmissionLayout(NamedTuple):
     cell_tokens: int
     scale_channels: tuple[int, ...]
     scale_sides: tuple[int, ...]
+    special_tokens: int = 0
 
 
 class MaskedTokenOmission:
@@ -60,7 +64,7 @@ class MaskedTokenOmission:
         """Encode the cells of ``x`` that ``hidden`` (B, rows * columns) bool, row-major on the layout's grid, leaves
         visible (every row hides as many: ``num_hidden`` if the caller knows it, see ``visible_cells``). Returns, per
         scale of the layout, the visible cells in increasing cell order as (B, K, m, m, C); the last scale is the
-        encoder's final output (m = 1)."""
+        encoder's final output (m = 1), led by the layout's ``special_tokens`` (B, S + K, 1, 1, C)."""
         raise NotImplementedError
 
     def omission_unused_modules(self) -> list[nn.Module]:

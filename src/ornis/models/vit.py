@@ -290,23 +290,23 @@ class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention, SinCosPositions):
 
     # -- masked forwards -------------------------------------------------------------------------------------------
     def omission_layout(self, size: tuple[int, int]) -> OmissionLayout:
-        """Cells are patches; one output, the final normed patch tokens."""
+        """Cells are patches; one output, the final normed special tokens (class, registers) and patch tokens."""
         p = self.patch_size
         grid = (int(size[0]) // p, int(size[1]) // p)
-        return OmissionLayout(grid, p, 1, (self.embedding_size,), (1,))
+        return OmissionLayout(grid, p, 1, (self.embedding_size,), (1,), self.num_special_tokens)
 
     def masked_omission(
         self, x: torch.Tensor, hidden: torch.Tensor, num_hidden: int | None = None
     ) -> list[torch.Tensor]:
-        """The visible patches' final tokens (after the final norm) as (B, K, 1, 1, D); the hidden patch tokens are
-        dropped before the first block, the special tokens kept. See ``MaskedTokenOmission``."""
+        """The special tokens' and the visible patches' final tokens (after the final norm) as (B, S + K, 1, 1, D);
+        the hidden patch tokens are dropped before the first block. See ``MaskedTokenOmission``."""
         tokens, _ = self.embed_tokens(x)
         special, patches = tokens[:, : self.num_special_tokens], tokens[:, self.num_special_tokens :]
         B, _, D = patches.shape
         keep = visible_cells(hidden, num_hidden)
         visible = patches.gather(1, keep[:, :, None].expand(-1, -1, D))
         out, _ = self.encoder(torch.cat([special, visible], dim=1))
-        return [self.norm(out)[:, self.num_special_tokens :].reshape(B, -1, 1, 1, D)]
+        return [self.norm(out).reshape(B, -1, 1, 1, D)]
 
     def retention_grid(self, size: tuple[int, int], patch_size: int | None = None) -> tuple[int, int]:
         """The patch grid for ``patch_size`` (default: the model's)."""

@@ -91,7 +91,9 @@ class MaskedAutoencoder(nn.Module):
     The decoder sees one token per cell of the encoder's omission grid (a ViT's patch, a Hiera's mask unit). An
     encoder with one output gives its final tokens; one with several scales (Hiera's stages) has each scale pooled
     to one vector per cell by a strided conv and summed with the final one, then normed (MAE-Hiera's multi-scale
-    fusion).
+    fusion). The encoder's special tokens (a ViT's class and register tokens) join the decoder too, without a
+    position (MAE's zero row): the decoder can read them, so the class token learns to sum up the visible image,
+    where without them nothing trains its final output.
     """
 
     def __init__(
@@ -119,6 +121,9 @@ class MaskedAutoencoder(nn.Module):
             )
         self.grid = layout.grid
         self.pixel_patch = layout.cell
+        self.special_tokens = layout.special_tokens
+        if len(layout.scale_channels) > 1 and layout.special_tokens:
+            raise ValueError(f"{encoder.name}: multi-scale fusion of an encoder with special tokens is not supported")
         self.mask_unit = mask_unit or 1
         self.fusion_heads: nn.ModuleList | None = None
         if len(layout.scale_channels) > 1:
@@ -166,8 +171,9 @@ class MaskedAutoencoder(nn.Module):
     def encode_visible(
         self, images: torch.Tensor, token_mask: torch.Tensor, num_hidden: int | None = None
     ) -> torch.Tensor:
-        """(B, n_visible, width): the encoder's output for the visible decoder positions, in row-major order.
-        ``num_hidden``: the hidden tokens per row, when known on the host (no device sync)."""
+        """(B, special + n_visible, width): the encoder's special tokens, then its output for the visible decoder
+        positions in row-major order. ``num_hidden``: the hidden tokens per row, when known on the host (no device
+        sync)."""
         scales = self.encoder.masked_omission(images, token_mask, num_hidden)  # visible cells in ascending order
         if self.fusion_heads is None:
             final = scales[-1]
@@ -200,14 +206,15 @@ class MaskedAutoencoder(nn.Module):
             unit_mask = random_unit_mask(B, units[0] * units[1], self.mask_ratio, images.device)
         token_mask = units_to_tokens(unit_mask, units, self.mask_unit)
         num_hidden = hidden_units(units[0] * units[1], self.mask_ratio) * self.mask_unit**2
-        visible = self.decoder_embed(self.encode_visible(images, token_mask, num_hidden))
+        encoded = self.decoder_embed(self.encode_visible(images, token_mask, num_hidden))
+        special, visible = encoded[:, : self.special_tokens], encoded[:, self.special_tokens :]
         full = self.mask_token.to(visible.dtype).expand(B, token_mask.shape[1], -1)
         where = visible_cells(token_mask, num_hidden).unsqueeze(-1).expand(-1, -1, visible.shape[-1])
         full = full.scatter(1, where, visible)
-        x = full + self.decoder_pos_embed
+        x = torch.cat([special, full + self.decoder_pos_embed], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
-        pred = self.decoder_pred(self.decoder_norm(x))
+        pred = self.decoder_pred(self.decoder_norm(x[:, self.special_tokens :]))
         return normalized_pixel_loss(pred, images, token_mask, self.pixel_patch, self.norm_pix), token_mask
 
 
