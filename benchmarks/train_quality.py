@@ -34,7 +34,7 @@ import ornis
 from ornis.train.config import TrainConfig
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
 from ornis.train.evaluation import KnnMonitor
-from ornis.train.mim import MIMOptions, train_mim
+from ornis.train.mim import MIMOptions, mim_positions, train_mim
 from ornis.train.start import POSITIONS, start_encoder
 from ornis.train.supervised import ClassifyOptions, train_classifier
 
@@ -106,7 +106,8 @@ def self_supervised(
     """What DINOv2 and MIM report alike: the k-NN of ``opts.arch`` at random init (seeded) at ``size`` as the recipe
     starts it (``opts.positions``) and, for sine-cosine positions, with the architecture's own init too; then
     ``fit()`` timed, its k-NN curve and the last figure. Returns the report's shared fields and the training result."""
-    arch, config, positions = opts.arch, opts.model_config, opts.positions
+    arch, config = opts.arch, opts.model_config
+    positions = opts.positions or mim_positions(arch)  # MIM's None: the family's
     torch.manual_seed(args.seed)
     random_init = knn_of(start_encoder(None, arch, size, config, positions=positions).encoder, *data, size)
     extra = {}

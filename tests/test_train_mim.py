@@ -11,10 +11,13 @@ import torch
 from support.training import STATS, TINY_VIT, make_shapes
 
 import ornis
+from ornis.models.layers import sincos_table
 from ornis.train.config import TrainConfig
 from ornis.train.mim import (
     MaskedAutoencoder,
     MIMOptions,
+    build_mae,
+    mim_positions,
     normalized_pixel_loss,
     patchify,
     random_unit_mask,
@@ -90,6 +93,24 @@ def test_encoder_sees_only_the_visible_tokens():
             a, c = mae.encode_visible(x, token_mask), mae.encode_visible(y, token_mask)
         assert a.shape[1] == mae.special_tokens + int((~token_mask[0]).sum())
         assert torch.allclose(a, c, atol=1e-6), net.name
+
+
+def test_positions_start_as_the_family_paper_says():
+    """From scratch, a ViT starts MAE's sine-cosine tables (encoder and decoder), Hiera its own random table, as
+    Hiera-MAE; ``positions`` given by hand wins."""
+    assert (mim_positions("vit_t16"), mim_positions("hiera_tiny"), mim_positions(None)) == (
+        "sincos",
+        "random",
+        "random",
+    )
+    torch.manual_seed(0)
+    opts = MIMOptions(train="unused", arch="vit_t16", size=32, model_config=TINY_VIT, **DECODER)
+    mae, _ = build_mae(opts)
+    grid, width = mae.grid, mae.encoder.embedding_size
+    torch.testing.assert_close(mae.decoder_pos_embed[0], sincos_table(grid, DECODER["decoder_dim"]))
+    torch.testing.assert_close(mae.encoder.pos_embedding[0, -grid[0] * grid[1] :], sincos_table(grid, width))
+    plain, _ = build_mae(MIMOptions(**{**opts.__dict__, "positions": "random"}))
+    assert not torch.allclose(plain.encoder.pos_embedding[0, -grid[0] * grid[1] :], sincos_table(grid, width))
 
 
 def test_the_decoder_reads_the_class_token():

@@ -53,6 +53,7 @@ class MaskedTokenOmission:
     """Capability: encode only the visible cells of an image (the source of MAE's speed)."""
 
     default_mask_ratio: ClassVar[float]  # the share of cells the family's MIM paper hides
+    mim_positions: ClassVar[str]  # how that paper starts the position table from scratch: "sincos" or "random"
 
     def omission_layout(self, size: tuple[int, int]) -> OmissionLayout:
         """The cell grid and the outputs' shapes for an input of ``size`` (H, W)."""

@@ -188,6 +188,7 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
 
     family = "hiera"
     default_mask_ratio = 0.6  # Hiera's paper (and the reference) hide 0.6 of the mask units
+    mim_positions = "random"  # Hiera-MAE learns its absolute table from the architecture's own init
 
     def __init__(self, config: HieraConfig, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
         super().__init__(config, num_classes, size, name)

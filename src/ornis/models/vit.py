@@ -122,6 +122,7 @@ class ViT(Encoder, MaskedTokenOmission, MaskedTokenRetention, SinCosPositions):
     family = "vit"
     stem_names = ("conv_proj", "class_token", "reg_tokens", "pos_embedding")
     default_mask_ratio = 0.75  # MAE's
+    mim_positions = "sincos"  # MAE's encoder and decoder use a 2-D sine-cosine table
 
     def __init__(self, config: ViTConfig, num_classes: int, size: tuple[int, int], name: str | None = None) -> None:
         super().__init__(config, num_classes, size, name)

@@ -26,6 +26,7 @@ from torch import nn
 from ornis.models.base import Encoder
 from ornis.models.capabilities import MaskedTokenOmission, require, visible_cells
 from ornis.models.layers import sincos_table
+from ornis.models.registry import get_model_spec
 from ornis.models.vit import EncoderBlock, ViTConfig
 from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
 from ornis.train.data import SampleDataset, open_source, train_transform
@@ -279,8 +280,9 @@ class MIMOptions:
     arch: str | None = None  # or start from scratch
     size: int | None = None
     model_config: dict[str, Any] | None = None
-    positions: Positions = "random"  # from scratch: "sincos" starts the encoder's and the decoder's tables as 2-D
-    # sine-cosine ones (MAE's, learned here; see start_encoder)
+    positions: Positions | None = None  # from scratch: "sincos" starts the encoder's and the decoder's tables as
+    # 2-D sine-cosine ones (MAE's, learned here; see start_encoder); None: the family's MIM paper's (mim_positions:
+    # sine-cosine for a ViT as MAE, the architecture's own for Hiera as Hiera-MAE)
     mask_ratio: float | None = None  # default: the encoder's (0.75 for ViT, 0.6 for Hiera)
     mask_unit: int | None = None  # mask-unit side in cells (default 1; ViT: patches); Hiera: its own, leave unset
     decoder_dim: int = 512  # MAE, Hiera-MAE and Birder: 512 wide, 8 blocks, 16 heads
@@ -292,7 +294,8 @@ class MIMOptions:
 
 def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """The masked autoencoder over the encoder ``opts`` starts from, and the encoder's rgb stats."""
-    started = start_encoder(opts.weights, opts.arch, opts.size, opts.model_config, positions=opts.positions)
+    positions = opts.positions or mim_positions(opts.arch)
+    started = start_encoder(opts.weights, opts.arch, opts.size, opts.model_config, positions=positions)
     mae = MaskedAutoencoder(
         started.encoder,
         opts.decoder_dim,
@@ -301,9 +304,18 @@ def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
         opts.mask_ratio,
         opts.mask_unit,
         opts.norm_pix,
-        sincos_decoder_positions=opts.weights is None and opts.positions == "sincos",
+        sincos_decoder_positions=opts.weights is None and positions == "sincos",
     )
     return mae, started.rgb_stats
+
+
+def mim_positions(arch: str | None) -> Positions:
+    """How ``arch``'s family starts its position table for MIM from scratch (``MaskedTokenOmission.mim_positions``);
+    ``"random"`` when continuing from a checkpoint (no arch), where nothing is started."""
+    if arch is None:
+        return "random"
+    cls = get_model_spec(arch).cls
+    return getattr(cls, "mim_positions", "random")
 
 
 def train_mim(opts: MIMOptions, cfg: TrainConfig) -> TrainResult:

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "start from a published name or a checkpoint file",
         "start from scratch with this architecture (ornis models)",
         default_of(MIMOptions, "positions"),
+        positions_default="the family's MIM paper's: sincos for a ViT (MAE), random for Hiera (Hiera-MAE)",
     )
     p.add_argument(
         "--mask-ratio",

@@ -161,10 +161,15 @@ def model_config(text: str) -> dict[str, Any]:
 
 
 def add_start_arguments(
-    p: argparse.ArgumentParser, weights_help: str, arch_help: str, positions: str, size: bool = True
+    p: argparse.ArgumentParser,
+    weights_help: str,
+    arch_help: str,
+    positions: str | None,
+    size: bool = True,
+    positions_default: str | None = None,
 ) -> None:
     """Where the encoder starts: ``--weights`` or ``--arch`` (exactly one), ``--size``, ``--model-config``,
-    ``--positions`` (default ``positions``, the recipe's)."""
+    ``--positions`` (default ``positions``, the recipe's; ``positions_default`` says what it means in ``--help``)."""
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--weights", help=weights_help)
     start.add_argument("--arch", help=arch_help)
@@ -181,7 +186,7 @@ def add_start_arguments(
         choices=POSITIONS,
         default=positions,
         help="from scratch: start the position embeddings as a 2-D sine-cosine table (MAE's) or as the "
-        f"architecture's small random values (default: {positions})",
+        f"architecture's small random values (default: {positions_default or positions})",
     )
 
 
