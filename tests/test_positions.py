@@ -81,16 +81,20 @@ def test_mae_from_scratch_starts_both_tables_as_sincos() -> None:
     mae, _ = build_mae(dataclasses.replace(opts, positions="sincos"))
     torch.testing.assert_close(mae.decoder_pos_embed[0], sincos_table((8, 8), 64), rtol=0, atol=0)
     torch.testing.assert_close(mae.encoder.pos_embedding[0, 1:], sincos_table((8, 8), 192), rtol=0, atol=0)
-    mae, _ = build_mae(opts)
+    mae, _ = build_mae(dataclasses.replace(opts, positions="random"))
     assert 0.015 < mae.decoder_pos_embed.std().item() < 0.025  # "random": std 0.02
+    mae, _ = build_mae(opts)  # the default for a ViT: MAE's tables
+    torch.testing.assert_close(mae.decoder_pos_embed[0], sincos_table((8, 8), 64), rtol=0, atol=0)
 
 
 def test_recipe_defaults_and_the_cli_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert DinoV2Options(data=".").positions == "sincos"
-    assert MIMOptions(train=".").positions == "random" and ClassifyOptions(train=".").positions == "random"
+    assert MIMOptions(train=".").positions is None and ClassifyOptions(train=".").positions == "random"
     from ornis.cli.main import main
 
     assert main(["train", "dino-v2", "--help"]) == 0
     assert "(default: sincos)" in " ".join(capsys.readouterr().out.split())
+    assert main(["train", "mim", "--help"]) == 0
+    assert "(default: the family's MIM paper's: sincos for a ViT (MAE)" in " ".join(capsys.readouterr().out.split())
     assert main(["train", "mim", ".", "--arch", "vit_t16", "-o", "x", "--positions", "sine"]) == 2
     assert "invalid choice: 'sine'" in capsys.readouterr().err
