@@ -100,18 +100,31 @@ def chosen_positions(args: argparse.Namespace) -> dict[str, str]:
     return {"positions": args.positions} if args.positions else {}
 
 
+def started_from(args: argparse.Namespace) -> dict[str, str]:
+    """``--start`` (a checkpoint to continue pretraining), else ``chosen_positions``."""
+    return {"weights": args.start, "arch": None, "model_config": None} if args.start else chosen_positions(args)
+
+
 def self_supervised(
-    args: argparse.Namespace, opts: DinoV2Options | MIMOptions, size: int, data: tuple[Path, Path], fit: Any
+    args: argparse.Namespace,
+    opts: DinoV2Options | MIMOptions,
+    model: tuple[str, dict[str, Any], int],
+    data: tuple[Path, Path],
+    fit: Any,
 ) -> tuple[dict[str, Any], Any]:
-    """What DINOv2 and MIM report alike: the k-NN of ``opts.arch`` at random init (seeded) at ``size`` as the recipe
-    starts it (``opts.positions``) and, for sine-cosine positions, with the architecture's own init too; then
-    ``fit()`` timed, its k-NN curve and the last figure. Returns the report's shared fields and the training result."""
-    arch, config = opts.arch, opts.model_config
+    """What DINOv2 and MIM report alike: the k-NN of ``model`` (architecture, overrides, size) at random init
+    (seeded) as the recipe starts it from scratch (``opts.positions``), and next to it either the ``--start``
+    checkpoint's k-NN (``opts.weights``) or, for sine-cosine positions, the architecture's own init's; then ``fit()``
+    timed, its k-NN curve and the last figure. Returns the report's shared fields and the training result."""
+    arch, config, size = model
     positions = opts.positions or mim_positions(arch)  # MIM's None: the family's
     torch.manual_seed(args.seed)
     random_init = knn_of(start_encoder(None, arch, size, config, positions=positions).encoder, *data, size)
     extra = {}
-    if positions != "random":
+    if opts.weights is not None:  # --start: the checkpoint's own figure, next to the architecture's random init
+        started = start_encoder(opts.weights, None, None, None).encoder
+        extra["start"], extra["knn_start"] = str(opts.weights), knn_of(started, *data, size)
+    elif positions != "random":
         torch.manual_seed(args.seed)
         plain = ornis.build_model(arch, size=size, config=config)
         extra["knn_random_init_random_positions"] = knn_of(plain, *data, size)
@@ -143,10 +156,14 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     scales = {k: tuple(v) for k in ("global_scale", "local_scale") if (v := getattr(args, k)) is not None}
     crops = MultiCropConfig(size, local, 4, **scales)
     opts = DinoV2Options(
-        data=train, arch=arch, model_config=config, method=method, crops=crops, **chosen_positions(args)
+        **{"data": train, "arch": arch, "model_config": config, "method": method, "crops": crops, **started_from(args)}
     )
     shared, result = self_supervised(
-        args, opts, size, (train, val), lambda: train_dino_v2(opts, loop(args, work / recipe, train, val))
+        args,
+        opts,
+        (arch, config, size),
+        (train, val),
+        lambda: train_dino_v2(opts, loop(args, work / recipe, train, val)),
     )
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
     changed = "".join(f", {k} {v}" for k, v in {**overrides, **scales}.items())
@@ -164,10 +181,17 @@ def run_mim(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe
     """MAE / Hiera-MAE with the recipe's defaults (or ``--lr``); k-NN at the encoder's training size."""
     arch, size, config = MIM_ARCHS[recipe]
     opts = MIMOptions(
-        train=train, arch=arch, size=size, model_config=config, norm_pix=args.norm_pix, **chosen_positions(args)
+        **{
+            "train": train,
+            "arch": arch,
+            "size": size,
+            "model_config": config,
+            "norm_pix": args.norm_pix,
+            **started_from(args),
+        }
     )
     shared, _ = self_supervised(
-        args, opts, size, (train, val), lambda: train_mim(opts, loop(args, work / recipe, train, val))
+        args, opts, (arch, config, size), (train, val), lambda: train_mim(opts, loop(args, work / recipe, train, val))
     )
     targets = "per-patch normalised pixels" if args.norm_pix else "raw pixels (--no-norm-pix)"
     return {"protocol": f"{arch} {config} at {size} px, batch {args.batch_size}, MAE's recipe, {targets}", **shared}
@@ -220,6 +244,12 @@ def main() -> None:
     p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (fine-tuning: MAE's 0.65)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: each recipe's, scaled)")
     p.add_argument("--weights", default=None, help="checkpoint to fine-tune (default: the DINOv2 run's)")
+    p.add_argument(
+        "--start",
+        default=None,
+        help="dino-v2, mim: continue pretraining this checkpoint (the k-NN of "
+        "the architecture's random init is still reported, the checkpoint's as knn_start)",
+    )
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="classify: no horizontal flips")
     p.add_argument("--auto-augment", default=None, help="classify: e.g. randaugment (default: none)")
     p.add_argument("--arch", default="vit_t16", help="classify from scratch (no --weights and no DINOv2 run)")

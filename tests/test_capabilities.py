@@ -149,12 +149,20 @@ def test_masked_omission_hiding_nothing_is_the_plain_forward(name: str, config: 
     special = layout.special_tokens  # a ViT's class and register tokens lead its final output, as in the plain one
     assert special == getattr(net, "num_special_tokens", 0)
     shapes = [(2, cells, m, m, c) for c, m in zip(layout.scale_channels, layout.scale_sides)]
-    shapes[-1] = (2, special + cells, 1, 1, layout.scale_channels[-1])
-    assert [tuple(s.shape) for s in scales] == shapes and layout.scale_sides[-1] == 1
+    shapes[-1] = (2, special + cells, *shapes[-1][2:])
+    assert [tuple(s.shape) for s in scales] == shapes
     kept = [(2, cells - cells // 2, *shape[2:]) for shape in shapes]
     kept[-1] = (2, special + cells - cells // 2, *shapes[-1][2:])
     assert [tuple(s.shape) for s in half] == kept
-    torch.testing.assert_close(scales[-1].reshape(final.shape), final, rtol=0, atol=1e-6)
+    if layout.scale_sides[-1] == 1:  # a ViT: the plain forward's final tokens
+        torch.testing.assert_close(scales[-1].reshape(final.shape), final, rtol=0, atol=1e-6)
+    else:  # Hiera-MAE's last stage runs at stride 16 (its parity: test_train_mim); its first is the plain one's
+        assert layout.scale_sides == (8, 4, 2)
+        with torch.no_grad():
+            first = net.detection_features(x)["stage1"]
+        B, C, H, W = first.shape
+        units = first.view(B, C, H // 8, 8, W // 8, 8).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 8, 8, C)
+        torch.testing.assert_close(scales[0], units, rtol=0, atol=1e-6)
 
 
 def test_capabilities_per_family_and_the_error_naming_the_architecture() -> None:

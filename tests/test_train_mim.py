@@ -82,16 +82,16 @@ def test_encoder_sees_only_the_visible_tokens():
         unit_mask = random_unit_mask(2, units[0] * units[1], 0.5, torch.device("cpu"))
         token_mask = units_to_tokens(unit_mask, units, mae.mask_unit)
         x = torch.randn(2, 3, size, size)
-        # scribble over the first hidden decoder position's pixels
-        g = mae.grid[1]
-        p = mae.pixel_patch
+        # scribble over the first hidden cell's pixels (a Hiera cell is 2 x 2 decoder positions)
+        g = mae.cells[1]
+        p = mae.pixel_patch * mae.side
         y = x.clone()
         for b in range(2):
             i = int(token_mask[b].nonzero()[0])
             y[b, :, (i // g) * p : (i // g + 1) * p, (i % g) * p : (i % g + 1) * p] += 5.0
         with torch.no_grad():
             a, c = mae.encode_visible(x, token_mask), mae.encode_visible(y, token_mask)
-        assert a.shape[1] == mae.special_tokens + int((~token_mask[0]).sum())
+        assert a.shape[1] == mae.special_tokens + int((~token_mask[0]).sum()) * mae.side**2
         assert torch.allclose(a, c, atol=1e-6), net.name
 
 
@@ -242,14 +242,74 @@ def test_mae_step_has_no_host_sync_and_matches_boolean_indexing(arch):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     with torch.no_grad():
         loss, token_mask = mae(x, unit_mask)
-        encoded = mae.decoder_embed(mae.encode_visible(x, token_mask))
-        s = mae.special_tokens
+        cell_mask = units_to_tokens(unit_mask, units, mae.mask_unit)
+        encoded = mae.decoder_embed(mae.encode_visible(x, cell_mask))
+        s, side, (gh, gw) = mae.special_tokens, mae.side, mae.cells
         visible = encoded[:, s:]
-        full = mae.mask_token.expand(2, token_mask.shape[1], -1).clone()
-        full[~token_mask] = visible.reshape(-1, visible.shape[-1])
+        D = visible.shape[-1]
+        # each cell's side x side positions, placed by boolean indexing on the cell grid, then laid out row-major
+        cells = mae.mask_token.expand(2, gh * gw * side * side, -1).reshape(2, gh * gw, side, side, D).clone()
+        cells[~cell_mask] = visible.reshape(-1, side, side, D)
+        full = cells.view(2, gh, gw, side, side, D).permute(0, 1, 3, 2, 4, 5).reshape(2, -1, D)
+        assert torch.equal(token_mask, units_to_tokens(unit_mask, units, mae.mask_unit * side))
         h = torch.cat([encoded[:, :s], full + mae.decoder_pos_embed], dim=1)
         for blk in mae.decoder_blocks:
             h = blk(h)
         pred = mae.decoder_pred(mae.decoder_norm(h[:, s:]))
         expected = normalized_pixel_loss(pred, x, token_mask, mae.pixel_patch, mae.norm_pix)
     assert float(loss) == float(expected)
+
+
+def test_hiera_mae_matches_the_upstream_hiera_mae():
+    """Hiera-MAE as published (hiera-transformer 0.1.4's ``MaskedAutoencoderHiera``, ``q_pool=2``): the same random
+    weights and mask give the same fused encoder output and the same loss. The encoder pools once fewer than the
+    backbone (its last stage at stride 16), so the decoder has 2 x 2 positions a mask unit, each predicting 16 x 16
+    pixels."""
+    from hiera.hiera_mae import MaskedAutoencoderHiera
+
+    from ornis.models import build_model
+
+    stages = (1, 1, 2, 1)
+    torch.manual_seed(0)
+    net = build_model("hiera_tiny", size=96, config=dict(depths=stages, embed_dim=16, num_heads=1, drop_path_rate=0.0))
+    mae = MaskedAutoencoder(net, decoder_dim=32, decoder_depth=2, decoder_heads=2, mask_ratio=0.6).eval()
+    assert (mae.cells, mae.grid, mae.pixel_patch) == ((3, 3), (6, 6), 16)
+    ref = MaskedAutoencoderHiera(
+        input_size=(96, 96), embed_dim=16, num_heads=1, stages=stages, q_pool=2,
+        decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in mae.parameters():
+            p.normal_(0.0, 0.05)
+    ours = {n: p for n, p in mae.named_parameters() if not n.startswith("encoder.features.")}  # unused by MAE
+    ends = [sum(stages[: i + 1]) for i in range(len(stages))]
+    names = {}
+    for name, _ in ref.named_parameters():
+        mine = name.replace("patch_embed.", "encoder.stem.").replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+        mine = mine.replace("multi_scale_fusion_heads", "fusion_heads")
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            stage = next(s for s, end in enumerate(ends) if i < end)
+            j = i - (ends[stage - 1] if stage else 0)
+            mine = f"encoder.body.stage{stage + 1}.{j}." + mine.split(".", 2)[2]
+        elif name == "pos_embed":
+            mine = "encoder.pos_embed"
+        names[name] = mine
+    assert sorted(names.values()) == sorted(ours)  # every parameter on both sides, once
+    weights = {name: ours[mine].detach() for name, mine in names.items()}
+    for name in ("decoder_pred.weight", "decoder_pred.bias"):  # its pixels in (c, y, x) order where ours are (y, x, c)
+        w = weights[name]
+        weights[name] = w.view(16, 16, 3, -1).permute(2, 0, 1, 3).reshape(w.shape)
+    ref.load_state_dict(weights)
+
+    x = torch.randn(2, 3, 96, 96)
+    unit_mask = random_unit_mask(2, 9, 0.6, torch.device("cpu"))  # True = hidden; the reference's True = visible
+    with torch.no_grad():
+        latent, _ = ref.forward_encoder(x, 0.6, mask=~unit_mask)
+        ref_loss = ref(x, mask=~unit_mask)[0]
+        encoded = mae.encode_visible(x, unit_mask)
+        loss, token_mask = mae(x, unit_mask)
+    assert latent.shape == (2, 4, 2, 2, 128) and encoded.shape == (2, 16, 128)  # 4 visible units, 2 x 2 each
+    torch.testing.assert_close(encoded, latent.reshape(2, 16, 128), rtol=0, atol=1e-5)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert int(token_mask.sum()) == 2 * 5 * 4  # 5 hidden units a row, 4 positions each

@@ -2,12 +2,7 @@
 in the last two, and max-pooled queries between stages; optionally with the "absolute-window" position embedding
 (Bolya et al., 2023: a background table interpolated to the token grid plus one window table tiled over it).
 
-Token layout. After the stem, tokens are "unrolled" once, so that every 2x2 neighbourhood that a later query
-pooling merges, and every 8x8 mask unit, is a contiguous run of the sequence: token index =
-``(sy1, sx1, sy2, sx2, sy3, sx3, h, w)`` where ``y = 8h + 4 sy3 + 2 sy2 + sy1`` (likewise x) and ``(h, w)`` is the
-mask unit. Query pooling is then a max over the slowest axis, and mask-unit attention a reshape, with no gather.
-Each pooling consumes the finest ``(sy, sx)`` pair; after the third, tokens are in plain row-major order.
-Intermediate stages are "rerolled" to NCHW maps only when asked for.
+The token layout (unrolled, so pooling and mask-unit attention are reshapes) is ``hiera_layout``'s.
 
 Input sides must be multiples of 32 (stem stride 4 times three 2x poolings; a mask unit is 8x8 tokens). Any such
 size works per call; ``adjust_size`` re-bases the stored position table like the reference does.
@@ -23,9 +18,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ornis.models import onednn
 from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout, SinCosPositions, visible_cells
+from ornis.models.hiera_layout import reroll, unroll
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
 from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid, sincos_table
 from ornis.models.registry import register_model
@@ -33,6 +30,7 @@ from ornis.models.registry import register_model
 MASK_UNIT = 8  # tokens per side of a mask unit
 Q_STRIDE = 2  # per side; a pooled query merges Q_STRIDE**2 tokens
 MASK_UNIT_ATTN = (True, True, False, False)  # per stage
+MAE_Q_POOL = 2  # query poolings in Hiera-MAE's encoder (its pretraining configs), one fewer than the backbone's
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,9 @@ class MaskUnitAttention(nn.Module):
         self.qkv = nn.Linear(plan.dim, 3 * plan.dim_out)
         self.proj = nn.Linear(plan.dim_out, plan.dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, dim) unrolled tokens -> (B, N / q_stride, dim_out)."""
+    def forward(self, x: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """(B, N, dim) unrolled tokens -> (B, N / q_stride, dim_out); ``pool=False`` skips the query pooling
+        (Hiera-MAE's encoder, which pools once fewer): (B, N, dim_out)."""
         B, N, _ = x.shape
         # The window index is the fastest-varying one in the unrolled layout; under token masking N counts only
         # the kept mask units, and so does `windows`
@@ -111,7 +110,7 @@ class MaskUnitAttention(nn.Module):
         qkv = onednn.linear(self.qkv, x).view(B, T, windows, 3, self.heads, self.head_dim)
         # One copy into (3, B, heads * windows, T, head_dim): 4-D, so the flash / memory-efficient kernels apply
         q, k, v = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, T, self.head_dim).unbind(0)
-        if self.q_stride > 1:
+        if self.q_stride > 1 and pool:
             q = q.view(B, self.heads * windows, self.q_stride, T // self.q_stride, self.head_dim).amax(dim=2)
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.view(B, self.heads, windows, -1, self.head_dim).permute(0, 3, 2, 1, 4).reshape(B, -1, self.dim_out)
@@ -131,13 +130,14 @@ class HieraBlock(nn.Module):
         self.mlp = Mlp(plan.dim_out, 4 * plan.dim_out)
         self.drop_path = DropPath(plan.drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, dim) -> (B, N / q_stride, dim_out)."""
+    def forward(self, x: torch.Tensor, pool: bool = True) -> torch.Tensor:
+        """(B, N, dim) -> (B, N / q_stride, dim_out); ``pool=False``: no pooling, (B, N, dim_out)."""
         x_norm = self.norm1(x)
         if self.proj is not None:
             x = onednn.linear(self.proj, x_norm)
-            x = x.view(x.shape[0], self.q_stride, -1, x.shape[-1]).amax(dim=1)  # the shortcut's max-pool
-        x = x + self.drop_path(self.attn(x_norm))
+            if pool:
+                x = x.view(x.shape[0], self.q_stride, -1, x.shape[-1]).amax(dim=1)  # the shortcut's max-pool
+        x = x + self.drop_path(self.attn(x_norm, pool))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -149,42 +149,10 @@ class AvgTokens(nn.Module):
         return x.mean(dim=1)
 
 
-def unroll(x: torch.Tensor, levels: int = Q_POOL) -> torch.Tensor:
-    """(B, C, Y, X) map -> (B, Y*X, C) tokens in the unrolled order (module docstring), in one copy."""
-    B, C, Y, X = x.shape
-    h, w = Y >> levels, X >> levels
-    x = x.view(B, C, h, *(2,) * levels, w, *(2,) * levels)
-    # view dims: B, C, h, sy_levels..sy_1, w, sx_levels..sx_1; sy_k sits at 3 + levels - k
-    order = [0]
-    for k in range(1, levels + 1):
-        order += [3 + levels - k, 4 + 2 * levels - k]
-    order += [2, 3 + levels, 1]
-    return x.permute(order).reshape(B, Y * X, C)
-
-
-def reroll(x: torch.Tensor, levels: int, units: tuple[int, int] | None) -> torch.Tensor:
-    """Undo the unrolling that ``levels`` poolings have not consumed yet.
-
-    With ``units=(h, w)`` (the mask-unit grid): a (B, C, h * 2**levels, w * 2**levels) map. With ``units=None``
-    (token masking, mask units dropped): (B, K, m, m, C) with m = 2**levels, one m x m patch per kept mask unit.
-    """
-    B, N, C = x.shape
-    m = 1 << levels
-    # view dims: B, (sy_1, sx_1), ..., (sy_L, sx_L), units..., C; sy_k at 2k - 1, sx_k at 2k
-    sy = [2 * k - 1 for k in range(levels, 0, -1)]
-    sx = [2 * k for k in range(levels, 0, -1)]
-    if units is None:
-        x = x.view(B, *(2,) * (2 * levels), N // (m * m), C)
-        return x.permute(0, 2 * levels + 1, *sy, *sx, 2 * levels + 2).reshape(B, -1, m, m, C)
-    h, w = units
-    x = x.view(B, *(2,) * (2 * levels), h, w, C)
-    return x.permute(0, 2 * levels + 3, 2 * levels + 1, *sy, 2 * levels + 2, *sx).reshape(B, C, h * m, w * m)
-
-
 class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
     """Hiera over the unrolled token layout of the module docstring. Masked image modelling leaves out whole mask
-    units (32 x 32 pixels): ``masked_omission`` (the capability), ``masked_encoding`` and
-    ``masked_encoding_omission`` (the reference's API)."""
+    units (32 x 32 pixels): ``masked_omission`` (the capability: Hiera-MAE's encoder), ``masked_encoding`` and
+    ``masked_encoding_omission`` (the reference's API: the published layout)."""
 
     family = "hiera"
     default_mask_ratio = 0.6  # Hiera's paper (and the reference) hide 0.6 of the mask units
@@ -307,19 +275,39 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
         _, kept = self._run_stages(self._tokens(x, keep), max(stages), stages)
         return [reroll(kept[i], self._levels_left(i), None) for i in stages]
 
+    def _mae_stages(self) -> list[int]:
+        """The stages Hiera-MAE's encoder returns: those before the last pooling it does, and the last (the
+        stages between have the last one's resolution)."""
+        return [*range(MAE_Q_POOL), len(self.body) - 1]
+
     def omission_layout(self, size: tuple[int, int]) -> OmissionLayout:
-        """Cells are the 8 x 8-token (32-pixel) mask units; every stage is an output, a unit being m x m positions
-        of it (8 in the first stage, 1 in the last)."""
+        """Cells are the 8 x 8-token (32-pixel) mask units. The outputs are Hiera-MAE's (``masked_omission``): the
+        first two stages and the last, a unit being 8 x 8, 4 x 4 and 2 x 2 positions of them."""
         grid = (int(size[0]) // TOTAL_STRIDE, int(size[1]) // TOTAL_STRIDE)
-        sides = tuple(2 ** self._levels_left(i) for i in range(len(self.body)))
-        return OmissionLayout(grid, TOTAL_STRIDE, MASK_UNIT, tuple(self.return_channels), sides)
+        stages = self._mae_stages()
+        sides = tuple(2 ** (Q_POOL - min(i, MAE_Q_POOL)) for i in stages)
+        return OmissionLayout(grid, TOTAL_STRIDE, MASK_UNIT, tuple(self.return_channels[i] for i in stages), sides)
 
     def masked_omission(
         self, x: torch.Tensor, hidden: torch.Tensor, num_hidden: int | None = None
     ) -> list[torch.Tensor]:
-        """Every stage's output for the visible mask units (MAE-Hiera's multi-scale input), see
-        ``MaskedTokenOmission``."""
-        return self._kept_unit_stages(x, visible_cells(hidden, num_hidden), range(len(self.body)))
+        """Hiera-MAE's encoder (Ryali et al.; ``q_pool=2`` in its pretraining configs) over the visible mask units:
+        the same blocks and weights, with the query pooling that opens the last stage left out, so the last stage
+        runs at stride 16 (2 x 2 positions a unit, each predicting 16 x 16 pixels) and the backbone is the
+        published one afterwards. Returns the outputs of ``omission_layout``'s stages as (B, K, m, m, C) patches,
+        see ``MaskedTokenOmission``."""
+        x = self._tokens(x, visible_cells(hidden, num_hidden))
+        wanted, outs = self._mae_stages(), []
+        for i, stage in enumerate(self.body):
+            pool = i <= MAE_Q_POOL  # the pooling blocks open stages 1 .. Q_POOL
+            for blk in stage:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, pool, use_reentrant=False)
+                else:
+                    x = blk(x, pool)
+            if i in wanted:
+                outs.append(reroll(x, Q_POOL - min(i, MAE_Q_POOL), None))
+        return outs
 
     def omission_unused_modules(self) -> list[nn.Module]:
         """The pooled embedding's final norm: the masked path returns stage outputs, unpooled."""

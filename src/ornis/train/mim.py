@@ -1,13 +1,13 @@
 """Masked image modelling, MAE-style (He et al. 2021): hide most of the image, encode only what is visible, and
 let a light decoder predict the hidden pixels, each patch's pixels normalised by their own mean and variance.
 
-The encoder declares how it can leave cells of the image out (``MaskedTokenOmission``): a plain ViT any patch, a
-Hiera only its own 8 x 8-token (32 x 32-pixel) mask units, as its mask-unit attention needs whole units. What is
-hidden is a *mask unit* of ``mask_unit`` x ``mask_unit`` cells (default 1; fixed at 1 where the cells are already
-the architecture's own units). The encoder sees only the visible cells (token omission, the source of MAE's
-speed); the decoder sees them plus a learned mask token at every hidden cell, with its own position embedding, and
-predicts the pixels of every cell; the loss is the mean squared error over the hidden ones only. Masks are drawn
-per sample in the data pipeline (``MaskedSample``), so they repeat on resume and whatever the number of ranks.
+The encoder declares how it can leave cells of the image out (``MaskedTokenOmission``): a plain ViT any patch, a Hiera
+only its own 8 x 8-token (32 x 32-pixel) mask units, as its mask-unit attention needs whole units. What is hidden is a
+*mask unit* of ``mask_unit`` x ``mask_unit`` cells (default 1; fixed at 1 where the cells are already the architecture's
+own units). The encoder sees only the visible cells (token omission, the source of MAE's speed); the decoder sees them
+plus a learned mask token at every hidden position, with its own position embedding, and predicts the pixels of every
+position (a cell, or for Hiera a quarter of one); the loss is the mean squared error over the hidden ones only. Masks
+are drawn per sample in the data pipeline (``MaskedSample``), so they repeat on resume and whatever the number of ranks.
 
 The published-format checkpoint holds the encoder alone (no head): ``ornis.load_pretrained_model(path)`` gives
 the pretrained backbone, ready for ``embed`` or fine-tuning with ``ornis train classify --weights``.
@@ -89,12 +89,13 @@ class MaskedAutoencoder(nn.Module):
     """Encoder (an ornis encoder with ``MaskedTokenOmission``, trained) + light decoder (thrown away after
     pretraining). ``forward(images)`` returns the loss, so DDP wraps the whole thing.
 
-    The decoder sees one token per cell of the encoder's omission grid (a ViT's patch, a Hiera's mask unit). An
-    encoder with one output gives its final tokens; one with several scales (Hiera's stages) has each scale pooled
-    to one vector per cell by a strided conv and summed with the final one, then normed (MAE-Hiera's multi-scale
-    fusion). The encoder's special tokens (a ViT's class and register tokens) join the decoder too, without a
-    position (MAE's zero row): the decoder can read them, so the class token learns to sum up the visible image,
-    where without them nothing trains its final output.
+    The decoder has one position per final-scale position of the encoder's output: one per cell for a ViT (its
+    patch), 2 x 2 per mask unit for Hiera-MAE (whose last stage runs at stride 16, so each position predicts 16 x 16
+    pixels, as upstream). An encoder with one output gives its final tokens; one with several scales (Hiera's
+    stages) has each scale pooled to the final one's positions by a strided conv and summed with it, then normed
+    (Hiera-MAE's multi-scale fusion). The encoder's special tokens (a ViT's class and register tokens) join the
+    decoder too, without a position (MAE's zero row): the decoder can read them, so the class token learns to sum up
+    the visible image, where without them nothing trains its final output.
     """
 
     def __init__(
@@ -120,26 +121,32 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(
                 f"{encoder.name} masks its own {t}x{t}-token mask units; mask_unit must be left unset, got {mask_unit}"
             )
-        self.grid = layout.grid
-        self.pixel_patch = layout.cell
+        # The decoder has one position per final-scale position: side x side of them a cell (1 for a ViT, 2 x 2
+        # for Hiera-MAE), each predicting its pixel_patch x pixel_patch pixels
+        self.side = layout.scale_sides[-1]
+        self.cells = layout.grid
+        self.grid = (layout.grid[0] * self.side, layout.grid[1] * self.side)
+        self.pixel_patch = layout.cell // self.side
         self.special_tokens = layout.special_tokens
         if len(layout.scale_channels) > 1 and layout.special_tokens:
             raise ValueError(f"{encoder.name}: multi-scale fusion of an encoder with special tokens is not supported")
         self.mask_unit = mask_unit or 1
         self.fusion_heads: nn.ModuleList | None = None
         if len(layout.scale_channels) > 1:
-            # scale i's visible cells come as m x m patches: a stride-m conv makes one vector of each
+            # scale i's visible cells come as m x m patches: a stride m / side conv brings each to side x side
             self.fusion_heads = nn.ModuleList(
-                nn.Conv2d(c, width, kernel_size=m, stride=m) if m > 1 else nn.Identity()
+                nn.Conv2d(c, width, kernel_size=m // self.side, stride=m // self.side)
+                if m > self.side
+                else nn.Identity()
                 for c, m in zip(layout.scale_channels, layout.scale_sides)
             )
             self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
         # Frozen, so DDP does not wait for their gradients (MAE-Hiera leaves the pooled norm at its initial values)
         for module in encoder.omission_unused_modules():
             module.requires_grad_(False)
-        if self.grid[0] % self.mask_unit or self.grid[1] % self.mask_unit:
+        if self.cells[0] % self.mask_unit or self.cells[1] % self.mask_unit:
             raise ValueError(
-                f"the {self.grid} token grid does not split into {self.mask_unit}x{self.mask_unit} mask units"
+                f"the {self.cells} token grid does not split into {self.mask_unit}x{self.mask_unit} mask units"
             )
         self.decoder_embed = nn.Linear(width, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -170,28 +177,37 @@ class MaskedAutoencoder(nn.Module):
         return {"mask_token", "decoder_pos_embed"}
 
     def encode_visible(
-        self, images: torch.Tensor, token_mask: torch.Tensor, num_hidden: int | None = None
+        self, images: torch.Tensor, cell_mask: torch.Tensor, num_hidden: int | None = None
     ) -> torch.Tensor:
-        """(B, special + n_visible, width): the encoder's special tokens, then its output for the visible decoder
-        positions in row-major order. ``num_hidden``: the hidden tokens per row, when known on the host (no device
-        sync)."""
-        scales = self.encoder.masked_omission(images, token_mask, num_hidden)  # visible cells in ascending order
+        """(B, special + n_visible * side**2, width): the encoder's special tokens, then its output for the visible
+        cells (``cell_mask`` (B, cells), True = hidden) in ascending order, each cell's side x side positions
+        row-major. ``num_hidden``: the hidden cells per row, when known on the host (no device sync)."""
+        scales = self.encoder.masked_omission(images, cell_mask, num_hidden)  # visible cells in ascending order
         if self.fusion_heads is None:
             final = scales[-1]
-            return final.reshape(*final.shape[:2], final.shape[-1])
+            return final.reshape(final.shape[0], -1, final.shape[-1])
         fused = 0.0
         for head, x in zip(self.fusion_heads, scales):  # x: (B, K, m, m, C)
             B, K, m, _, C = x.shape
-            if isinstance(head, nn.Identity):
-                fused = fused + x.reshape(B, K, C)
-            else:
-                fused = fused + head(x.reshape(B * K, m, m, C).permute(0, 3, 1, 2)).reshape(B, K, -1)
+            if not isinstance(head, nn.Identity):
+                x = head(x.reshape(B * K, m, m, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            fused = fused + x.reshape(B, K * self.side * self.side, -1)
         return self.encoder_norm(fused)
+
+    def decoder_positions(self, cell_mask: torch.Tensor, num_hidden: int | None = None) -> torch.Tensor:
+        """(B, n_visible * side**2): where ``encode_visible``'s outputs sit in the decoder's row-major grid."""
+        cells = visible_cells(cell_mask, num_hidden)  # (B, K) ascending
+        s, width = self.side, self.cells[1]
+        if s == 1:
+            return cells
+        row, col = (cells // width)[..., None, None] * s, (cells % width)[..., None, None] * s
+        offset = torch.arange(s, device=cells.device)
+        return ((row + offset[:, None]) * width * s + col + offset).reshape(cells.shape[0], -1)
 
     @property
     def units_grid(self) -> tuple[int, int]:
         """The grid masks are drawn on: (rows, columns) of mask units."""
-        return (self.grid[0] // self.mask_unit, self.grid[1] // self.mask_unit)
+        return (self.cells[0] // self.mask_unit, self.cells[1] // self.mask_unit)
 
     def forward(self, images: torch.Tensor, unit_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, token_mask). Images must have the encoder's size; ``unit_mask`` (B, units), True = hidden, is
@@ -205,12 +221,13 @@ class MaskedAutoencoder(nn.Module):
         units = self.units_grid
         if unit_mask is None:
             unit_mask = random_unit_mask(B, units[0] * units[1], self.mask_ratio, images.device)
-        token_mask = units_to_tokens(unit_mask, units, self.mask_unit)
+        cell_mask = units_to_tokens(unit_mask, units, self.mask_unit)
+        token_mask = units_to_tokens(unit_mask, units, self.mask_unit * self.side)  # the decoder's grid
         num_hidden = hidden_units(units[0] * units[1], self.mask_ratio) * self.mask_unit**2
-        encoded = self.decoder_embed(self.encode_visible(images, token_mask, num_hidden))
+        encoded = self.decoder_embed(self.encode_visible(images, cell_mask, num_hidden))
         special, visible = encoded[:, : self.special_tokens], encoded[:, self.special_tokens :]
         full = self.mask_token.to(visible.dtype).expand(B, token_mask.shape[1], -1)
-        where = visible_cells(token_mask, num_hidden).unsqueeze(-1).expand(-1, -1, visible.shape[-1])
+        where = self.decoder_positions(cell_mask, num_hidden).unsqueeze(-1).expand(-1, -1, visible.shape[-1])
         full = full.scatter(1, where, visible)
         x = torch.cat([special, full + self.decoder_pos_embed], dim=1)
         for blk in self.decoder_blocks:
