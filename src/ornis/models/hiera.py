@@ -13,18 +13,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ornis.models import onednn
 from ornis.models.capabilities import MaskedTokenOmission, OmissionLayout, SinCosPositions, visible_cells
 from ornis.models.hiera_layout import reroll, unroll
 from ornis.models.hierarchical import Q_POOL, STEM_STRIDE, TOTAL_STRIDE, HierarchicalEncoder, check_size
-from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid, sincos_table
+from ornis.models.layers import DropPath, Mlp, drop_path_rates, interpolate_grid, run_stages, sincos_table
 from ornis.models.registry import register_model
 
 MASK_UNIT = 8  # tokens per side of a mask unit
@@ -262,18 +262,23 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
         return tokens
 
     @staticmethod
-    def _levels_left(stage: int) -> int:
-        return max(0, Q_POOL - stage)  # stage is 0-based
+    def _levels_left(stage: int, pools: int = Q_POOL) -> int:
+        """The unrolled levels left after stage ``stage`` (0-based) when ``pools`` stage-opening poolings run."""
+        return Q_POOL - min(stage, pools)
 
     def _stage_map(self, tokens: torch.Tensor, stage: int, input_hw: tuple[int, int]) -> torch.Tensor:
         units = (input_hw[0] // TOTAL_STRIDE, input_hw[1] // TOTAL_STRIDE)
         return reroll(tokens, self._levels_left(stage), units)
 
     # -- token omission (masked image modelling) ---------------------------------------------------------------
-    def _kept_unit_stages(self, x: torch.Tensor, keep: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
-        """The kept units' outputs of ``stages`` as (B, K, m, m, C) patches; ``keep`` (B, K) ascending."""
-        _, kept = self._run_stages(self._tokens(x, keep), max(stages), stages)
-        return [reroll(kept[i], self._levels_left(i), None) for i in stages]
+    def _kept_unit_stages(
+        self, x: torch.Tensor, keep: torch.Tensor, stages: Sequence[int], pools: int = Q_POOL
+    ) -> list[torch.Tensor]:
+        """The kept units' outputs of ``stages`` as (B, K, m, m, C) patches; ``keep`` (B, K) ascending. ``pools``:
+        how many of the stage-opening query poolings run (the first ones; Hiera-MAE's encoder runs one fewer)."""
+        body = ([partial(blk, pool=i <= pools) for blk in stage] for i, stage in enumerate(self.body))
+        _, kept = run_stages(body, self._tokens(x, keep), max(stages), stages, self.grad_checkpointing)
+        return [reroll(kept[i], self._levels_left(i, pools), None) for i in stages]
 
     def _mae_stages(self) -> list[int]:
         """The stages Hiera-MAE's encoder returns: those before the last pooling it does, and the last (the
@@ -285,7 +290,7 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
         first two stages and the last, a unit being 8 x 8, 4 x 4 and 2 x 2 positions of them."""
         grid = (int(size[0]) // TOTAL_STRIDE, int(size[1]) // TOTAL_STRIDE)
         stages = self._mae_stages()
-        sides = tuple(2 ** (Q_POOL - min(i, MAE_Q_POOL)) for i in stages)
+        sides = tuple(2 ** self._levels_left(i, MAE_Q_POOL) for i in stages)
         return OmissionLayout(grid, TOTAL_STRIDE, MASK_UNIT, tuple(self.return_channels[i] for i in stages), sides)
 
     def masked_omission(
@@ -296,18 +301,7 @@ class Hiera(HierarchicalEncoder, MaskedTokenOmission, SinCosPositions):
         runs at stride 16 (2 x 2 positions a unit, each predicting 16 x 16 pixels) and the backbone is the
         published one afterwards. Returns the outputs of ``omission_layout``'s stages as (B, K, m, m, C) patches,
         see ``MaskedTokenOmission``."""
-        x = self._tokens(x, visible_cells(hidden, num_hidden))
-        wanted, outs = self._mae_stages(), []
-        for i, stage in enumerate(self.body):
-            pool = i <= MAE_Q_POOL  # the pooling blocks open stages 1 .. Q_POOL
-            for blk in stage:
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, pool, use_reentrant=False)
-                else:
-                    x = blk(x, pool)
-            if i in wanted:
-                outs.append(reroll(x, Q_POOL - min(i, MAE_Q_POOL), None))
-        return outs
+        return self._kept_unit_stages(x, visible_cells(hidden, num_hidden), self._mae_stages(), MAE_Q_POOL)
 
     def omission_unused_modules(self) -> list[nn.Module]:
         """The pooled embedding's final norm: the masked path returns stage outputs, unpooled."""
