@@ -152,7 +152,8 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
     arch, config, size, local = DINO_ARCHS[recipe]
     overrides = {} if args.student_temp is None else {"student_temp": args.student_temp}
-    method = DinoV2Config(heads=HeadConfig(out_dim=1024, hidden_dim=512), **overrides)
+    heads = HeadConfig(out_dim=1024, hidden_dim=512, batch_norm=args.head_batch_norm)
+    method = DinoV2Config(heads=heads, **overrides)
     scales = {k: tuple(v) for k in ("global_scale", "local_scale") if (v := getattr(args, k)) is not None}
     crops = MultiCropConfig(size, local, 4, **scales)
     opts = DinoV2Options(
@@ -167,6 +168,7 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     )
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
     changed = "".join(f", {k} {v}" for k, v in {**overrides, **scales}.items())
+    changed += ", batch norm in the head" if args.head_batch_norm else ""
     return {"protocol": protocol + ", head 512 / 1024" + changed, **shared, "checkpoint": str(result.checkpoint)}
 
 
@@ -256,6 +258,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=SIZE, help="classify: input size (HieraDet: a multiple of 32)")
     p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
     p.add_argument("--student-temp", type=float, default=None, help="dino-v2: student temperature (default 0.1)")
+    p.add_argument("--head-batch-norm", action="store_true", help="dino-v2: batch normalisation in the head's MLP")
     p.add_argument("--global-scale", type=float, nargs=2, help="dino-v2: global crops' area range (default 0.32 1)")
     p.add_argument("--local-scale", type=float, nargs=2, help="dino-v2: local crops' area range (default 0.05 0.32)")
     p.add_argument("--positions", choices=POSITIONS, help="from scratch (default: each recipe's)")

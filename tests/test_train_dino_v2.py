@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def test_loss_goes_down(image_folder: Path) -> None:
     [
         ("vit_t16", {"centering": "sinkhorn_knopp", "sinkhorn_queue_size": 8}),
         ("flexivit_t16", {"centering": "softmax", "freeze_last_layer_steps": 2}),
+        ("vit_t16", {"centering": "softmax", "heads": replace(HEADS, batch_norm=True)}),
         ("hieradet_d_tiny", {"centering": "sinkhorn_knopp"}),
     ],
 )
@@ -205,6 +207,7 @@ import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from support.training import dino_dataset, dino_recipe
+from dataclasses import replace
 from pathlib import Path
 from ornis.train.config import TrainConfig
 from ornis.train.loop import run

@@ -89,7 +89,7 @@ def dino_recipe(arch: str = "vit_t16", **method: Any) -> DinoV2Recipe:
     """A tiny DINOv2 recipe (seeded), sharpened teacher, fast EMA."""
     torch.manual_seed(0)
     net = ornis.build_model(arch, size=CROPS.global_size, config=TINY_HIERADET if "hieradet" in arch else TINY_DINO)
-    cfg = DinoV2Config(heads=HEADS, teacher_temp=0.04, momentum_teacher=0.99, **method)
+    cfg = DinoV2Config(**{"heads": HEADS, "teacher_temp": 0.04, "momentum_teacher": 0.99, **method})
     return DinoV2Recipe(net, cfg, CROPS, seed=0)
 
 

@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-bottleneck-dim", type=positive_int, default=default_of(HeadConfig, "bottleneck_dim"))
     g.add_argument("--head-layers", type=positive_int, default=default_of(HeadConfig, "num_layers"))
     g.add_argument("--separate-ibot-head", action="store_true", help="score patches with their own head")
+    g.add_argument(
+        "--head-batch-norm",
+        action="store_true",
+        help="batch normalisation in the heads' MLP (DINO's use_bn): sharp teacher targets from the first step "
+        "when the backbone's embeddings start alike (small, low-variety images)",
+    )
     for name, kind in METHOD_OPTIONS.items():
         default = default_of(DinoV2Config, name)
         choices = ["sinkhorn_knopp", "softmax"] if name == "centering" else None
@@ -95,7 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> DinoV2Options:
     """The ``DinoV2Options`` the parsed options describe."""
     heads = HeadConfig(
-        args.out_dim, args.head_hidden_dim, args.head_bottleneck_dim, args.head_layers, args.separate_ibot_head
+        args.out_dim,
+        args.head_hidden_dim,
+        args.head_bottleneck_dim,
+        args.head_layers,
+        args.separate_ibot_head,
+        args.head_batch_norm,
     )
     method = DinoV2Config(
         heads=heads,

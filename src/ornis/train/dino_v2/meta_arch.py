@@ -24,6 +24,7 @@ class HeadConfig:
     bottleneck_dim: int = 256
     num_layers: int = 3
     separate_ibot_head: bool = False  # DINOv2 default: one head scores class and patch tokens
+    batch_norm: bool = False  # batch normalisation in the head's MLP (DINO's use_bn), per kind of rows
 
 
 class ViewOutputs(NamedTuple):
@@ -48,7 +49,9 @@ class SelfDistillationNet(nn.Module):
         dim = backbone.embedding_size
 
         def head() -> DINOHead:
-            return DINOHead(dim, heads.out_dim, heads.hidden_dim, heads.bottleneck_dim, heads.num_layers)
+            return DINOHead(
+                dim, heads.out_dim, heads.hidden_dim, heads.bottleneck_dim, heads.num_layers, heads.batch_norm
+            )
 
         self.dino_head = head()
         self.ibot_head = head() if heads.separate_ibot_head else None
@@ -97,13 +100,15 @@ class SelfDistillationNet(nn.Module):
         if local_crops is not None and local_crops.numel():
             local_embedding = self.backbone.masked_retention(local_crops, patch_size=patch_size).embedding
 
-        # One head call for every class token (and the patches, when the head is shared): fewer, larger matmuls
+        # One head call for every class token (and the patches, when the head is shared): fewer, larger matmuls;
+        # a head with batch normalisation is called once per kind of rows, so each kind has its own statistics
         rows = [global_embedding] + ([local_embedding] if local_embedding is not None else [])
         if self.ibot_head is None:
             rows.append(masked_patches)
-        logits = self.dino_head(torch.cat(rows))
-        sizes = [r.shape[0] for r in rows]
-        parts = list(torch.split(logits, sizes))
+        if self.dino_head.batch_norm:
+            parts = [self.dino_head(r) for r in rows]
+        else:
+            parts = list(torch.split(self.dino_head(torch.cat(rows)), [r.shape[0] for r in rows]))
         global_logits = parts.pop(0)
         local_logits = parts.pop(0) if local_embedding is not None else None
         if self.ibot_head is None:
