@@ -148,14 +148,23 @@ def self_supervised(
     return shared, result
 
 
+# DinoV2Config fields the benchmark can override (default: the recipe's)
+DINO_OVERRIDES = {
+    "student_temp": "student temperature (default 0.1)",
+    "teacher_temp": "teacher temperature after the warm-up (default 0.07)",
+    "warmup_teacher_temp": "teacher temperature at step 0 (default 0.04)",
+    "momentum_teacher": "teacher EMA momentum at step 0 (default 0.992)",
+}
+
+
 def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
     arch, config, size, local = DINO_ARCHS[recipe]
-    overrides = {} if args.student_temp is None else {"student_temp": args.student_temp}
+    overrides = {k: v for k in DINO_OVERRIDES if (v := getattr(args, k)) is not None}
     heads = HeadConfig(out_dim=1024, hidden_dim=512, batch_norm=args.head_batch_norm)
     method = DinoV2Config(heads=heads, **overrides)
     scales = {k: tuple(v) for k in ("global_scale", "local_scale") if (v := getattr(args, k)) is not None}
-    crops = MultiCropConfig(size, local, 4, **scales)
+    crops = MultiCropConfig(size, local, 4, **scales, photometric=args.photometric)
     opts = DinoV2Options(
         **{"data": train, "arch": arch, "model_config": config, "method": method, "crops": crops, **started_from(args)}
     )
@@ -169,6 +178,7 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
     changed = "".join(f", {k} {v}" for k, v in {**overrides, **scales}.items())
     changed += ", batch norm in the head" if args.head_batch_norm else ""
+    changed += "" if args.photometric else ", crops only (no photometric augmentations)"
     return {"protocol": protocol + ", head 512 / 1024" + changed, **shared, "checkpoint": str(result.checkpoint)}
 
 
@@ -257,7 +267,9 @@ def main() -> None:
     p.add_argument("--arch", default="vit_t16", help="classify from scratch (no --weights and no DINOv2 run)")
     p.add_argument("--size", type=int, default=SIZE, help="classify: input size (HieraDet: a multiple of 32)")
     p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
-    p.add_argument("--student-temp", type=float, default=None, help="dino-v2: student temperature (default 0.1)")
+    for name, text in DINO_OVERRIDES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"dino-v2: {text}")
+    p.add_argument("--no-photometric", dest="photometric", action="store_false", help="dino-v2: crops only")
     p.add_argument("--head-batch-norm", action="store_true", help="dino-v2: batch normalisation in the head's MLP")
     p.add_argument("--global-scale", type=float, nargs=2, help="dino-v2: global crops' area range (default 0.32 1)")
     p.add_argument("--local-scale", type=float, nargs=2, help="dino-v2: local crops' area range (default 0.05 0.32)")

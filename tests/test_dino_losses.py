@@ -333,3 +333,31 @@ def test_head_batch_norm_uses_the_rows_it_is_given_in_both_modes() -> None:
     assert torch.equal(bn(h[:1]), torch.full((1, 32), 0.25))
     assert bn(h[:0]).shape == (0, 32)
     assert head(x[:1]).shape == (1, 64)
+
+
+def test_crops_only_views_leave_the_pixels_alone() -> None:
+    """``photometric=False``: a full-image global crop is the image resized, the same for both global views; with
+    DINOv2's augmentations the second view differs (blur, colour, solarisation)."""
+    from PIL import Image
+
+    from ornis.data.augment import seeded
+    from ornis.train.dino_v2.multicrop import MultiCropConfig, MultiCropTransform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    full = {"global_size": 32, "local_size": 16, "local_crops": 2, "global_scale": (1.0, 1.0)}
+    with seeded(3):
+        plain = MultiCropTransform(MultiCropConfig(**full, photometric=False))(image)
+    a, b = plain["global_crops"]
+    assert torch.equal(a, b) and a.shape == (3, 32, 32)
+    assert [t.shape for t in plain["local_crops"]] == [(3, 16, 16)] * 2
+    with seeded(3):
+        a, b = MultiCropTransform(MultiCropConfig(**full))(image)["global_crops"]
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [(0.0, 1.0), (0.6, 0.4), (0.5, 1.5)])
+def test_crop_scales_out_of_range_are_refused(scale: tuple[float, float]) -> None:
+    from ornis.train.dino_v2.multicrop import MultiCropConfig
+
+    with pytest.raises(ValueError, match="local_scale must be two areas"):
+        MultiCropConfig(local_scale=scale)

@@ -205,6 +205,31 @@ def test_dino_temperatures_reach_the_config() -> None:
     assert (method.student_temp, method.teacher_temp) == (0.6, 0.05)
 
 
+def test_dino_views_and_head_options_reach_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ornis.cli.train.dino_v2 import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["data", "--arch", "vit_t16"]
+    opts = options_from_args(p.parse_args(argv))
+    assert (opts.crops.global_scale, opts.crops.local_scale, opts.crops.photometric) == (
+        (0.32, 1.0),
+        (0.05, 0.32),
+        True,
+    )
+    assert opts.method.heads.batch_norm is False
+    args = p.parse_args(
+        [*argv, "--global-scale", "0.8", "1", "--local-scale", "0.3", "0.6", "--no-photometric", "--head-batch-norm"]
+    )
+    opts = options_from_args(args)
+    assert (opts.crops.global_scale, opts.crops.local_scale, opts.crops.photometric) == ((0.8, 1.0), (0.3, 0.6), False)
+    assert opts.method.heads.batch_norm is True
+    bad = ["--local-scale", "0.5", "0.2", "--steps", "1", "-o", str(tmp_path / "run")]
+    assert main(["train", "dino-v2", str(tmp_path), "--arch", "vit_t16", *bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ornis: error: local_scale must be two areas 0 < low <= high <= 1, found 0.5 0.2"]
+
+
 def test_grad_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
     from support.training import STATS, TINY_VIT
 

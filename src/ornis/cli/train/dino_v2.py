@@ -75,6 +75,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, text in crops.items():
         kind = non_negative_int if name == "local_crops" else positive_int
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=default_of(MultiCropConfig, name), help=text)
+    for kind in ("global", "local"):
+        g.add_argument(
+            f"--{kind}-scale",
+            type=positive_float,
+            nargs=2,
+            metavar=("LOW", "HIGH"),
+            default=default_of(MultiCropConfig, f"{kind}_scale"),
+            help=f"area range of the {kind} crops, as shares of the image (default: %(default)s)",
+        )
+    g.add_argument(
+        "--no-photometric",
+        dest="photometric",
+        action="store_false",
+        help="crops only: no flip, colour jitter, grayscale, blur or solarisation (small or plain images whose two "
+        "views must agree for the DINO term to learn, e.g. digits; see the README)",
+    )
     g.add_argument(
         "--out-dim", type=positive_int, default=default_of(HeadConfig, "out_dim"), help="prototypes of the heads"
     )
@@ -113,7 +129,14 @@ def options_from_args(args: argparse.Namespace) -> DinoV2Options:
         patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
         **{name: getattr(args, name) for name in METHOD_OPTIONS},
     )
-    crops = MultiCropConfig(args.global_size, args.local_size, args.local_crops)
+    crops = MultiCropConfig(
+        args.global_size,
+        args.local_size,
+        args.local_crops,
+        tuple(args.global_scale),
+        tuple(args.local_scale),
+        args.photometric,
+    )
     return DinoV2Options(
         data=one_or_many(args.data),
         weights=args.weights,

@@ -46,6 +46,13 @@ class MultiCropConfig:
     local_crops: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
+    photometric: bool = True  # DINOv2's flip, colour jitter, grayscale, blur and solarisation; False: crops only
+
+    def __post_init__(self) -> None:
+        for name in ("global_scale", "local_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"{name} must be two areas 0 < low <= high <= 1, found {low} {high}")
 
     def check_stride(self, stride: int, model: str) -> None:
         """``ValueError`` unless the crops are multiples of ``stride`` px (a backbone's coarsest, HieraDet's 32)."""
@@ -71,7 +78,7 @@ class MultiCropTransform:
         bicubic = v2.InterpolationMode.BICUBIC
 
         def view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> Any:
-            on_image, on_tensor = _photometric(blur_p, solarize_p)
+            on_image, on_tensor = _photometric(blur_p, solarize_p) if config.photometric else ([], [])
             crop = v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
             return v2.Compose([crop, *on_image, v2.PILToTensor(), *on_tensor, *finish])
 
