@@ -138,6 +138,7 @@ def test_collapse_diagnostics_are_logged_and_a_flat_loss_warns(
     # the cause, in the logged numbers: agreement 0.2 x sharpening 0.1 / 0.04 = 0.5 < 1
     assert "agree by 0.20 (view_correlation)" in warnings[0].getMessage()
     assert "temperature = 2.50: 0.50 below the 1 it needs" in warnings[0].getMessage()
+    assert "views that agree, for small or plain images (--no-photometric" in warnings[0].getMessage()
 
 
 def test_view_correlation_counts_agreement_beyond_the_batch_mean() -> None:

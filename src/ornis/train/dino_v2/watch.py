@@ -82,5 +82,10 @@ class CollapseWatch:
     def _advice(self) -> str:
         """What to change, given what this run already uses."""
         tips = [] if self.centering == "softmax" else ["softmax centring (--centering softmax)"]
-        tips += ["a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)", "more steps"]
+        tips += [
+            "views that agree, for small or plain images (--no-photometric --global-scale 0.8 1 --local-scale 0.3 "
+            "0.6) with a faster teacher (--momentum-teacher 0.96)",
+            "a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)",
+            "more steps",
+        ]
         return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
