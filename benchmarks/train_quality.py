@@ -33,6 +33,7 @@ from PIL import Image
 import ornis
 from ornis.train.config import TrainConfig
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
+from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD
 from ornis.train.evaluation import KnnMonitor
 from ornis.train.mim import MIMOptions, mim_positions, train_mim
 from ornis.train.start import POSITIONS, start_encoder
@@ -161,10 +162,15 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
     arch, config, size, local = DINO_ARCHS[recipe]
     overrides = {k: v for k in DINO_OVERRIDES if (v := getattr(args, k)) is not None}
+    if args.small_images:  # ornis train dino-v2 --small-images; options given by name win
+        overrides = {**SMALL_IMAGES_METHOD, **overrides}
     heads = HeadConfig(out_dim=1024, hidden_dim=512, batch_norm=args.head_batch_norm)
     method = DinoV2Config(heads=heads, **overrides)
     scales = {k: tuple(v) for k in ("global_scale", "local_scale") if (v := getattr(args, k)) is not None}
-    crops = MultiCropConfig(size, local, 4, **scales, photometric=args.photometric)
+    photometric = args.photometric and not args.small_images
+    if args.small_images:
+        scales = {k: SMALL_IMAGES_CROPS[k] for k in ("global_scale", "local_scale")} | scales
+    crops = MultiCropConfig(size, local, 4, **scales, photometric=photometric)
     opts = DinoV2Options(
         **{"data": train, "arch": arch, "model_config": config, "method": method, "crops": crops, **started_from(args)}
     )
@@ -178,7 +184,7 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
     changed = "".join(f", {k} {v}" for k, v in {**overrides, **scales}.items())
     changed += ", batch norm in the head" if args.head_batch_norm else ""
-    changed += "" if args.photometric else ", crops only (no photometric augmentations)"
+    changed += "" if photometric else ", crops only (no photometric augmentations)"
     return {"protocol": protocol + ", head 512 / 1024" + changed, **shared, "checkpoint": str(result.checkpoint)}
 
 
@@ -270,6 +276,7 @@ def main() -> None:
     for name, text in DINO_OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"dino-v2: {text}")
     p.add_argument("--no-photometric", dest="photometric", action="store_false", help="dino-v2: crops only")
+    p.add_argument("--small-images", action="store_true", help="dino-v2: ornis train dino-v2 --small-images")
     p.add_argument("--head-batch-norm", action="store_true", help="dino-v2: batch normalisation in the head's MLP")
     p.add_argument("--global-scale", type=float, nargs=2, help="dino-v2: global crops' area range (default 0.32 1)")
     p.add_argument("--local-scale", type=float, nargs=2, help="dino-v2: local crops' area range (default 0.05 0.32)")

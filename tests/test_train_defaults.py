@@ -138,7 +138,7 @@ def test_collapse_diagnostics_are_logged_and_a_flat_loss_warns(
     # the cause, in the logged numbers: agreement 0.2 x sharpening 0.1 / 0.04 = 0.5 < 1
     assert "agree by 0.20 (view_correlation)" in warnings[0].getMessage()
     assert "temperature = 2.50: 0.50 below the 1 it needs" in warnings[0].getMessage()
-    assert "views that agree, for small or plain images (--no-photometric" in warnings[0].getMessage()
+    assert "for small or plain images (--small-images: crops only" in warnings[0].getMessage()
 
 
 def test_view_correlation_counts_agreement_beyond_the_batch_mean() -> None:
@@ -229,6 +229,36 @@ def test_dino_views_and_head_options_reach_the_config(tmp_path: Path, capsys: py
     assert main(["train", "dino-v2", str(tmp_path), "--arch", "vit_t16", *bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["ornis: error: local_scale must be two areas 0 < low <= high <= 1, found 0.5 0.2"]
+
+
+def test_small_images_sets_the_views_and_teacher_and_options_given_by_name_win() -> None:
+    from ornis.cli.train.dino_v2 import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["data", "--arch", "vit_t16"]
+    plain = options_from_args(p.parse_args(argv))
+    assert (plain.method.momentum_teacher, plain.method.teacher_temp, plain.method.warmup_teacher_temp) == (
+        0.992,
+        0.07,
+        0.04,
+    )
+    small = options_from_args(p.parse_args([*argv, "--small-images"]))
+    assert (small.crops.global_scale, small.crops.local_scale, small.crops.photometric) == (
+        (0.8, 1.0),
+        (0.3, 0.6),
+        False,
+    )
+    assert (small.method.momentum_teacher, small.method.teacher_temp, small.method.warmup_teacher_temp) == (
+        0.96,
+        0.04,
+        0.04,
+    )
+    assert small.method.student_temp == plain.method.student_temp and small.crops.global_size == 224
+    given = ["--small-images", "--momentum-teacher", "0.99", "--local-scale", "0.2", "0.5"]
+    mixed = options_from_args(p.parse_args([*argv, *given]))
+    assert (mixed.method.momentum_teacher, mixed.crops.local_scale) == (0.99, (0.2, 0.5))
+    assert (mixed.method.teacher_temp, mixed.crops.global_scale, mixed.crops.photometric) == (0.04, (0.8, 1.0), False)
 
 
 def test_grad_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:

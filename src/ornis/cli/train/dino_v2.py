@@ -16,8 +16,23 @@ from ornis.cli.common import (
 )
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
+from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD
 from ornis.train.dino_v2.recipe import DINO_V2_OPTIM
 
+
+def _as_options(settings: dict[str, Any]) -> str:
+    """``{"photometric": False, "global_scale": (0.8, 1.0)}`` -> ``--no-photometric --global-scale 0.8 1.0``."""
+    words = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words.append(" ".join([flag, *map(str, value if isinstance(value, tuple) else (value,))]))
+    return " ".join(words)
+
+
+_SMALL = _as_options({**SMALL_IMAGES_CROPS, **SMALL_IMAGES_METHOD})
 HELP = "DINOv2 self-distillation on any images (no labels): ViT, FlexiViT, HieraDet; from scratch or a checkpoint"
 OPTIM = DINO_V2_OPTIM
 DESCRIPTION = f"""{HELP}.
@@ -30,7 +45,11 @@ clipping at {OPTIM.grad_clip:g} per module, patch embedding at lr x 0.2, layer d
 
 Small batches: softmax centring (the default) works at any batch. Sinkhorn-Knopp caps every target probability
 near N/K (N teacher rows balanced together, K = --out-dim prototypes), so it is accepted only when
-2 x --batch-size + --sinkhorn-queue-size x processes >= --out-dim."""
+2 x --batch-size + --sinkhorn-queue-size x processes >= --out-dim.
+
+Small, plain images (digits, icons, 32 px crops): --small-images gives crops only at milder scales and a faster,
+sharper teacher, as the README measures; an option given by name wins over it:
+  {_SMALL}"""
 
 # DinoV2Config fields with an option of the same name (--teacher-temp -> teacher_temp), and their argparse types
 METHOD_OPTIONS: dict[str, Any] = {
@@ -81,15 +100,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             type=positive_float,
             nargs=2,
             metavar=("LOW", "HIGH"),
-            default=default_of(MultiCropConfig, f"{kind}_scale"),
-            help=f"area range of the {kind} crops, as shares of the image (default: %(default)s)",
+            help=f"area range of the {kind} crops, as shares of the image "
+            f"(default: {' '.join(map(str, default_of(MultiCropConfig, f'{kind}_scale')))})",
         )
     g.add_argument(
         "--no-photometric",
         dest="photometric",
         action="store_false",
+        default=None,
         help="crops only: no flip, colour jitter, grayscale, blur or solarisation (small or plain images whose two "
         "views must agree for the DINO term to learn, e.g. digits; see the README)",
+    )
+    g.add_argument(
+        "--small-images",
+        action="store_true",
+        help=f"for small, plain images: {_SMALL} (each overridden by its own option; see the README)",
     )
     g.add_argument(
         "--out-dim", type=positive_int, default=default_of(HeadConfig, "out_dim"), help="prototypes of the heads"
@@ -110,8 +135,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         text = METHOD_HELP.get(name, "")
         if default is not None:
             text = f"{text} (default: {default})".strip()
+        if name in SMALL_IMAGES_METHOD:
+            default = None  # resolved in options_from_args: the option, else --small-images, else the config's
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=default, choices=choices, help=text or None)
     g.add_argument("--patch-sizes", type=positive_int, nargs="+", help="FlexiViT: patch sizes to draw from per step")
+
+
+def _resolved(args: argparse.Namespace, name: str, config: type, preset: dict[str, Any]) -> Any:
+    """An option given by name, else the ``--small-images`` value where it sets one, else the config's default."""
+    value = getattr(args, name)
+    if value is not None:
+        return value
+    return preset[name] if args.small_images and name in preset else default_of(config, name)
 
 
 def options_from_args(args: argparse.Namespace) -> DinoV2Options:
@@ -127,15 +162,15 @@ def options_from_args(args: argparse.Namespace) -> DinoV2Options:
     method = DinoV2Config(
         heads=heads,
         patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
-        **{name: getattr(args, name) for name in METHOD_OPTIONS},
+        **{name: _resolved(args, name, DinoV2Config, SMALL_IMAGES_METHOD) for name in METHOD_OPTIONS},
     )
     crops = MultiCropConfig(
         args.global_size,
         args.local_size,
         args.local_crops,
-        tuple(args.global_scale),
-        tuple(args.local_scale),
-        args.photometric,
+        tuple(_resolved(args, "global_scale", MultiCropConfig, SMALL_IMAGES_CROPS)),
+        tuple(_resolved(args, "local_scale", MultiCropConfig, SMALL_IMAGES_CROPS)),
+        _resolved(args, "photometric", MultiCropConfig, SMALL_IMAGES_CROPS),
     )
     return DinoV2Options(
         data=one_or_many(args.data),

@@ -83,8 +83,8 @@ class CollapseWatch:
         """What to change, given what this run already uses."""
         tips = [] if self.centering == "softmax" else ["softmax centring (--centering softmax)"]
         tips += [
-            "views that agree, for small or plain images (--no-photometric --global-scale 0.8 1 --local-scale 0.3 "
-            "0.6) with a faster teacher (--momentum-teacher 0.96)",
+            "views that agree with a faster, sharper teacher, for small or plain images (--small-images: crops only, "
+            "milder, teacher momentum 0.96 and temperature 0.04)",
             "a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)",
             "more steps",
         ]
