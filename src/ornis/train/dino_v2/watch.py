@@ -8,6 +8,7 @@ import logging
 import math
 
 from ornis.train.dino_v2.multicrop import GLOBAL_VIEWS
+from ornis.train.dino_v2.presets import SMALL_IMAGES_METHOD as SMALL
 
 log = logging.getLogger("ornis.train")
 
@@ -84,7 +85,7 @@ class CollapseWatch:
         tips = [] if self.centering == "softmax" else ["softmax centring (--centering softmax)"]
         tips += [
             "views that agree with a faster, sharper teacher, for small or plain images (--small-images: crops only, "
-            "milder, teacher momentum 0.96 and temperature 0.04)",
+            f"milder, teacher momentum {SMALL['momentum_teacher']:g} and temperature {SMALL['teacher_temp']:g})",
             "a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)",
             "more steps",
         ]
