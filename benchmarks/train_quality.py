@@ -33,7 +33,7 @@ from PIL import Image
 import ornis
 from ornis.train.config import TrainConfig
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
-from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD
+from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD, settings
 from ornis.train.evaluation import KnnMonitor
 from ornis.train.mim import MIMOptions, mim_positions, train_mim
 from ornis.train.start import POSITIONS, start_encoder
@@ -161,15 +161,13 @@ DINO_OVERRIDES = {
 def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recipe: str) -> dict[str, Any]:
     """DINOv2 on the protocol of the module docstring, with ``recipe``'s backbone (``DINO_ARCHS``)."""
     arch, config, size, local = DINO_ARCHS[recipe]
-    overrides = {k: v for k in DINO_OVERRIDES if (v := getattr(args, k)) is not None}
-    if args.small_images:  # ornis train dino-v2 --small-images; options given by name win
-        overrides = {**SMALL_IMAGES_METHOD, **overrides}
+    # ornis train dino-v2 --small-images: options given by name win
+    overrides = settings({k: getattr(args, k) for k in DINO_OVERRIDES}, SMALL_IMAGES_METHOD, args.small_images)
     heads = HeadConfig(out_dim=1024, hidden_dim=512, batch_norm=args.head_batch_norm)
     method = DinoV2Config(heads=heads, **overrides)
-    scales = {k: tuple(v) for k in ("global_scale", "local_scale") if (v := getattr(args, k)) is not None}
-    photometric = args.photometric and not args.small_images
-    if args.small_images:
-        scales = {k: SMALL_IMAGES_CROPS[k] for k in ("global_scale", "local_scale")} | scales
+    given = {k: tuple(v) if (v := getattr(args, k)) else None for k in ("global_scale", "local_scale")}
+    scales = settings({**given, "photometric": args.photometric}, SMALL_IMAGES_CROPS, args.small_images)
+    photometric = scales.pop("photometric", True)
     crops = MultiCropConfig(size, local, 4, **scales, photometric=photometric)
     opts = DinoV2Options(
         **{"data": train, "arch": arch, "model_config": config, "method": method, "crops": crops, **started_from(args)}
@@ -275,7 +273,9 @@ def main() -> None:
     p.add_argument("--crop-min", type=float, default=0.6, help="classify: smallest random-resized-crop area")
     for name, text in DINO_OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None, help=f"dino-v2: {text}")
-    p.add_argument("--no-photometric", dest="photometric", action="store_false", help="dino-v2: crops only")
+    p.add_argument(
+        "--no-photometric", dest="photometric", action="store_false", default=None, help="dino-v2: crops only"
+    )
     p.add_argument("--small-images", action="store_true", help="dino-v2: ornis train dino-v2 --small-images")
     p.add_argument("--head-batch-norm", action="store_true", help="dino-v2: batch normalisation in the head's MLP")
     p.add_argument("--global-scale", type=float, nargs=2, help="dino-v2: global crops' area range (default 0.32 1)")

@@ -259,6 +259,13 @@ def test_small_images_sets_the_views_and_teacher_and_options_given_by_name_win()
     mixed = options_from_args(p.parse_args([*argv, *given]))
     assert (mixed.method.momentum_teacher, mixed.crops.local_scale) == (0.99, (0.2, 0.5))
     assert (mixed.method.teacher_temp, mixed.crops.global_scale, mixed.crops.photometric) == (0.04, (0.8, 1.0), False)
+    crops_only = options_from_args(p.parse_args([*argv, "--no-photometric"]))
+    assert (crops_only.crops.photometric, crops_only.crops.global_scale, plain.crops.photometric) == (
+        False,
+        (0.32, 1.0),
+        True,
+    )
+    assert crops_only.method.momentum_teacher == 0.992
 
 
 def test_grad_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:

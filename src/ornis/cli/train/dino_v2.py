@@ -16,14 +16,14 @@ from ornis.cli.common import (
 )
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
-from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD
+from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD, settings
 from ornis.train.dino_v2.recipe import DINO_V2_OPTIM
 
 
-def _as_options(settings: dict[str, Any]) -> str:
+def _as_options(chosen: dict[str, Any]) -> str:
     """``{"photometric": False, "global_scale": (0.8, 1.0)}`` -> ``--no-photometric --global-scale 0.8 1.0``."""
     words = []
-    for name, value in settings.items():
+    for name, value in chosen.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             words.append(flag if value else "--no-" + flag[2:])
@@ -141,14 +141,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-sizes", type=positive_int, nargs="+", help="FlexiViT: patch sizes to draw from per step")
 
 
-def _resolved(args: argparse.Namespace, name: str, config: type, preset: dict[str, Any]) -> Any:
-    """An option given by name, else the ``--small-images`` value where it sets one, else the config's default."""
-    value = getattr(args, name)
-    if value is not None:
-        return value
-    return preset[name] if args.small_images and name in preset else default_of(config, name)
-
-
 def options_from_args(args: argparse.Namespace) -> DinoV2Options:
     """The ``DinoV2Options`` the parsed options describe."""
     heads = HeadConfig(
@@ -162,15 +154,14 @@ def options_from_args(args: argparse.Namespace) -> DinoV2Options:
     method = DinoV2Config(
         heads=heads,
         patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
-        **{name: _resolved(args, name, DinoV2Config, SMALL_IMAGES_METHOD) for name in METHOD_OPTIONS},
+        **settings({name: getattr(args, name) for name in METHOD_OPTIONS}, SMALL_IMAGES_METHOD, args.small_images),
     )
+    scales = {name: tuple(v) if (v := getattr(args, name)) else None for name in ("global_scale", "local_scale")}
     crops = MultiCropConfig(
         args.global_size,
         args.local_size,
         args.local_crops,
-        tuple(_resolved(args, "global_scale", MultiCropConfig, SMALL_IMAGES_CROPS)),
-        tuple(_resolved(args, "local_scale", MultiCropConfig, SMALL_IMAGES_CROPS)),
-        _resolved(args, "photometric", MultiCropConfig, SMALL_IMAGES_CROPS),
+        **settings({**scales, "photometric": args.photometric}, SMALL_IMAGES_CROPS, args.small_images),
     )
     return DinoV2Options(
         data=one_or_many(args.data),

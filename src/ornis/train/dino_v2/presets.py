@@ -14,3 +14,13 @@ from typing import Any
 SMALL_IMAGES_CROPS: dict[str, Any] = {"global_scale": (0.8, 1.0), "local_scale": (0.3, 0.6), "photometric": False}
 # DinoV2Config fields
 SMALL_IMAGES_METHOD: dict[str, Any] = {"momentum_teacher": 0.96, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04}
+
+
+def settings(given: dict[str, Any], preset: dict[str, Any], small_images: bool) -> dict[str, Any]:
+    """Keyword arguments for a config: each value given (not ``None``), else ``preset``'s where ``small_images`` is on.
+
+    A name in neither keeps the config's own default, so ``--small-images --teacher-temp 0.07`` takes the preset's
+    crops and momentum with the temperature given.
+    """
+    chosen = dict(preset) if small_images else {}
+    return chosen | {name: value for name, value in given.items() if value is not None}
