@@ -166,9 +166,8 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
     heads = HeadConfig(out_dim=1024, hidden_dim=512, batch_norm=args.head_batch_norm)
     method = DinoV2Config(heads=heads, **overrides)
     given = {k: tuple(v) if (v := getattr(args, k)) else None for k in ("global_scale", "local_scale")}
-    scales = settings({**given, "photometric": args.photometric}, SMALL_IMAGES_CROPS, args.small_images)
-    photometric = scales.pop("photometric", True)
-    crops = MultiCropConfig(size, local, 4, **scales, photometric=photometric)
+    chosen = settings({**given, "photometric": args.photometric}, SMALL_IMAGES_CROPS, args.small_images)
+    crops = MultiCropConfig(size, local, 4, **chosen)
     opts = DinoV2Options(
         **{"data": train, "arch": arch, "model_config": config, "method": method, "crops": crops, **started_from(args)}
     )
@@ -180,9 +179,10 @@ def run_dino(args: argparse.Namespace, work: Path, train: Path, val: Path, recip
         lambda: train_dino_v2(opts, loop(args, work / recipe, train, val)),
     )
     protocol = f"{arch} {config}, batch {args.batch_size}, 2 global crops of {size} px + 4 local of {local} px"
+    scales = {k: v for k, v in chosen.items() if k != "photometric"}
     changed = "".join(f", {k} {v}" for k, v in {**overrides, **scales}.items())
     changed += ", batch norm in the head" if args.head_batch_norm else ""
-    changed += "" if photometric else ", crops only (no photometric augmentations)"
+    changed += "" if crops.photometric else ", crops only (no photometric augmentations)"
     return {"protocol": protocol + ", head 512 / 1024" + changed, **shared, "checkpoint": str(result.checkpoint)}
 
 
