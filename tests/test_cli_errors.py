@@ -367,3 +367,26 @@ def test_atomic_path_refuses_special_files_before_writing(tmp_path: Path) -> Non
         atomic_write_text(tmp_path / "link", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "link", "pipe"]
     assert atomic_write_text(tmp_path / "new.txt", "x").read_text() == "x"
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_its_own_message() -> None:
+    from torch.utils.data import DataLoader, Dataset
+
+    from ornis.data.sources import DatasetError
+
+    class Unreadable(Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> int:
+            raise DatasetError("no readable image in the training data")
+
+    with pytest.raises(DatasetError) as caught:
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+    assert "Traceback" in str(caught.value)  # torch's wrapping, which the line must not show
+    assert describe(caught.value) == (1, "no readable image in the training data")
+    wrapped = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        'last):\n  File "x.py", line 1, in f\nValueError: k must be positive\n'
+    )
+    assert describe(wrapped) == (2, "k must be positive")

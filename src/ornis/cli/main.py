@@ -78,8 +78,24 @@ def os_error_message(e: OSError) -> str:
     return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
+def unwrapped(e: BaseException) -> BaseException:
+    """The error as a DataLoader worker raised it: torch re-raises it in the main process as the same type, with the
+    worker's traceback for a message (``Caught X in DataLoader worker process 0. Original Traceback ...``)."""
+    text = str(e)
+    if not text.startswith(f"Caught {type(e).__name__} in DataLoader worker"):
+        return e
+    kind = type(e)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    _, found, message = text.rpartition(f"\n{name}: ")
+    try:
+        return kind(message.strip()) if found else e
+    except Exception:  # noqa: BLE001 - a type torch could build from one message but this one cannot: keep it whole
+        return e
+
+
 def describe(e: BaseException) -> tuple[int, str]:
     """The exit code and the one-line message of an exception that ended a command (the rule in the docstring)."""
+    e = unwrapped(e)
     if isinstance(e, OrnisError):
         return FAILURE, one_line(str(e) or type(e).__name__)
     if isinstance(e, OSError):
