@@ -268,6 +268,28 @@ def test_small_images_sets_the_views_and_teacher_and_options_given_by_name_win()
     assert crops_only.method.momentum_teacher == 0.992
 
 
+def test_crops_under_96_px_take_the_small_image_settings_unless_told_otherwise(caplog) -> None:
+    from ornis.cli.train.dino_v2 import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["data", "--arch", "vit_t16", "--local-size", "16"]
+    views = lambda o: (o.crops.global_scale, o.crops.local_scale, o.crops.photometric, o.method.momentum_teacher)  # noqa: E731
+    small, published = ((0.8, 1.0), (0.3, 0.6), False, 0.96), ((0.32, 1.0), (0.05, 0.32), True, 0.992)
+    caplog.set_level(logging.INFO, logger="ornis.train")
+    assert views(options_from_args(p.parse_args([*argv, "--global-size", "32"]))) == small
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("global crops of 32 px (under 96): the small-image settings (")
+    assert views(options_from_args(p.parse_args([*argv, "--global-size", "64"]))) == small
+    given = options_from_args(p.parse_args([*argv, "--global-size", "32", "--momentum-teacher", "0.99"]))
+    assert views(given) == (*small[:3], 0.99)
+    caplog.clear()
+    assert views(options_from_args(p.parse_args([*argv, "--global-size", "96"]))) == published
+    assert views(options_from_args(p.parse_args([*argv, "--global-size", "32", "--no-small-images"]))) == published
+    assert views(options_from_args(p.parse_args([*argv, "--global-size", "224", "--small-images"]))) == small
+    assert not caplog.records  # said only when the size chose it
+
+
 def test_grad_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
     from support.training import STATS, TINY_VIT
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from ornis.cli.common import (
@@ -16,8 +17,16 @@ from ornis.cli.common import (
 )
 from ornis.cli.train.options import add_start_arguments, loop_config, one_or_many, report
 from ornis.train.dino_v2 import DinoV2Config, DinoV2Options, HeadConfig, MultiCropConfig, train_dino_v2
-from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS, SMALL_IMAGES_METHOD, settings
+from ornis.train.dino_v2.presets import (
+    SMALL_IMAGES_BELOW,
+    SMALL_IMAGES_CROPS,
+    SMALL_IMAGES_METHOD,
+    settings,
+    small_images_for,
+)
 from ornis.train.dino_v2.recipe import DINO_V2_OPTIM
+
+log = logging.getLogger("ornis.train")
 
 
 def _as_options(chosen: dict[str, Any]) -> str:
@@ -47,8 +56,10 @@ Small batches: softmax centring (the default) works at any batch. Sinkhorn-Knopp
 near N/K (N teacher rows balanced together, K = --out-dim prototypes), so it is accepted only when
 2 x --batch-size + --sinkhorn-queue-size x processes >= --out-dim.
 
-Small, plain images (digits, icons, 32 px crops): --small-images gives crops only at milder scales and a faster,
-sharper teacher, as the README measures; an option given by name wins over it:
+Small images: global crops under {SMALL_IMAGES_BELOW} px (--global-size; DINOv2's views were made for 224 and 96 px)
+take crops only at milder scales and a faster, sharper teacher, which made the DINO term learn on 32 px digits where
+DINOv2's views did not (the README measures both); --small-images forces it at any size, --no-small-images gives
+DINOv2's published views at any size, and an option given by name wins over it:
   {_SMALL}"""
 
 # DinoV2Config fields with an option of the same name (--teacher-temp -> teacher_temp), and their argparse types
@@ -113,8 +124,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--small-images",
-        action="store_true",
-        help=f"for small, plain images: {_SMALL} (each overridden by its own option; see the README)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"for small, plain images: {_SMALL} (each overridden by its own option; default: on for --global-size "
+        f"under {SMALL_IMAGES_BELOW}; see the README)",
     )
     g.add_argument(
         "--out-dim", type=positive_int, default=default_of(HeadConfig, "out_dim"), help="prototypes of the heads"
@@ -143,6 +156,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> DinoV2Options:
     """The ``DinoV2Options`` the parsed options describe."""
+    small = small_images_for(args.small_images, args.global_size)
+    if small and args.small_images is None:
+        log.info(
+            "global crops of %d px (under %d): the small-image settings (%s; options given by name win); "
+            "--no-small-images for DINOv2's published views",
+            args.global_size,
+            SMALL_IMAGES_BELOW,
+            _SMALL,
+        )
     heads = HeadConfig(
         args.out_dim,
         args.head_hidden_dim,
@@ -154,14 +176,14 @@ def options_from_args(args: argparse.Namespace) -> DinoV2Options:
     method = DinoV2Config(
         heads=heads,
         patch_sizes=tuple(args.patch_sizes) if args.patch_sizes else None,
-        **settings({name: getattr(args, name) for name in METHOD_OPTIONS}, SMALL_IMAGES_METHOD, args.small_images),
+        **settings({name: getattr(args, name) for name in METHOD_OPTIONS}, SMALL_IMAGES_METHOD, small),
     )
     scales = {name: tuple(v) if (v := getattr(args, name)) else None for name in ("global_scale", "local_scale")}
     crops = MultiCropConfig(
         args.global_size,
         args.local_size,
         args.local_crops,
-        **settings({**scales, "photometric": args.photometric}, SMALL_IMAGES_CROPS, args.small_images),
+        **settings({**scales, "photometric": args.photometric}, SMALL_IMAGES_CROPS, small),
     )
     return DinoV2Options(
         data=one_or_many(args.data),
