@@ -18,6 +18,7 @@ from ornis.cli.main import main
 from ornis.train.config import TrainConfig
 from ornis.train.dino_v2 import DinoV2Recipe
 from ornis.train.dino_v2.centering import view_correlation
+from ornis.train.dino_v2.watch import CollapseWatch
 from ornis.train.loop import run
 from ornis.train.mim import MIMOptions, MIMRecipe
 from ornis.train.optim import cosine_schedule
@@ -139,6 +140,11 @@ def test_collapse_diagnostics_are_logged_and_a_flat_loss_warns(
     assert "agree by 0.20 (view_correlation)" in warnings[0].getMessage()
     assert "temperature = 2.50: 0.50 below the 1 it needs" in warnings[0].getMessage()
     assert "for small or plain images (--small-images: crops only" in warnings[0].getMessage()
+    mild = CollapseWatch(1024, 0.1, 0.04, "softmax", mild_views=True)
+    with caplog.at_level(logging.WARNING, logger="ornis.train"):
+        mild({"dino": math.log(1024), "view_correlation": 0.2, "teacher_temp": 0.04}, step=5)
+    said = caplog.records[-1].getMessage()
+    assert "ln K" in said and "--small-images" not in said and said.endswith("or more steps")
 
 
 def test_view_correlation_counts_agreement_beyond_the_batch_mean() -> None:

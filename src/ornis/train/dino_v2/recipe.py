@@ -53,6 +53,7 @@ from ornis.train.dino_v2.multicrop import (
     mask_rng,
     sample_masks,
 )
+from ornis.train.dino_v2.presets import SMALL_IMAGES_CROPS
 from ornis.train.dino_v2.watch import CollapseWatch
 from ornis.train.loop import run
 from ornis.train.optim import GroupTag, param_groups
@@ -164,7 +165,8 @@ class DinoV2Recipe(Recipe):
         self.total_steps, self.freeze_steps, self.temp_warmup_steps = 1, 0, 0
         self.world = 1
         c = self.config
-        self.watch = CollapseWatch(out_dim, c.student_temp, c.teacher_temp, c.centering)
+        mild = all(getattr(self.crops, name) == value for name, value in SMALL_IMAGES_CROPS.items())
+        self.watch = CollapseWatch(out_dim, c.student_temp, c.teacher_temp, c.centering, mild)
 
     @property
     def encoder(self) -> nn.Module:

@@ -21,9 +21,12 @@ KOLEO_RISE = 0.5
 class CollapseWatch:
     """Fed each logged entry (``__call__``); ``after`` is the first step the uniform-target warning may fire."""
 
-    def __init__(self, out_dim: int, student_temp: float, teacher_temp: float, centering: str) -> None:
+    def __init__(
+        self, out_dim: int, student_temp: float, teacher_temp: float, centering: str, mild_views: bool = False
+    ) -> None:
         self.ln_k = math.log(out_dim)
         self.student_temp, self.teacher_temp, self.centering = student_temp, teacher_temp, centering
+        self.mild_views = mild_views  # the run already has the small-image views: do not suggest them
         self.after = 0
         self.uniform_warned = self.crowding_warned = False
         self.koleo_low = math.inf
@@ -83,10 +86,11 @@ class CollapseWatch:
     def _advice(self) -> str:
         """What to change, given what this run already uses."""
         tips = [] if self.centering == "softmax" else ["softmax centring (--centering softmax)"]
-        tips += [
-            "views that agree with a faster, sharper teacher, for small or plain images (--small-images: crops only, "
-            f"milder, teacher momentum {SMALL['momentum_teacher']:g} and temperature {SMALL['teacher_temp']:g})",
-            "a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)",
-            "more steps",
-        ]
+        if not self.mild_views:
+            tips.append(
+                "views that agree with a faster, sharper teacher, for small or plain images (--small-images: crops "
+                f"only, milder, teacher momentum {SMALL['momentum_teacher']:g} and temperature "
+                f"{SMALL['teacher_temp']:g})"
+            )
+        tips += ["a lower teacher temperature (--warmup-teacher-temp, --teacher-temp)", "more steps"]
         return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
