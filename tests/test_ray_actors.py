@@ -169,6 +169,7 @@ def test_actor_killed_mid_run(local_ray, faults: Path, job_inputs, single, tmp_p
     killed = list(faults.glob(f"{request_file}.taken-by-*"))
     assert len(killed) == 1, "an actor was killed"
     (killed[0]).unlink()
+    killed_pid = int(killed[0].name.rsplit("-", 1)[1])
     assert (summary.done, summary.errors, summary.shards_done, summary.shards_total) == (24, 1, 13, 13)
     _assert_same_rows(_rows(out), single)
     assert not (out / "_claims").exists()
@@ -176,9 +177,12 @@ def test_actor_killed_mid_run(local_ray, faults: Path, job_inputs, single, tmp_p
     assert manifest.count('"status": "done"') == 13
     commits = _commits(faults)
     # Written once each: killed after its commit, the shard is found done when Ray runs it again; killed before,
-    # the restarted actor (a new process) writes it
+    # the restarted actor (a new process) writes it. After a commit, the restarted actor writes whatever shards are
+    # still left when it is back, which on a loaded machine can be some (a third process) or none
     assert sorted(s for _, s in commits) == list(range(13))
-    assert len({pid for pid, _ in commits}) == (3 if request_file == "before-commit" else 2)
+    pids = {pid for pid, _ in commits}
+    assert killed_pid in pids, "the killed actor had written a shard first"
+    assert len(pids) == 3 if request_file == "before-commit" else len(pids) in (2, 3)
 
 
 @needs_ray
