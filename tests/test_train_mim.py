@@ -113,6 +113,27 @@ def test_positions_start_as_the_family_paper_says():
     assert not torch.allclose(plain.encoder.pos_embedding[0, -grid[0] * grid[1] :], sincos_table(grid, width))
 
 
+def test_pretraining_runs_without_stochastic_depth_and_the_checkpoint_keeps_the_rates(tmp_path, photos_folder):
+    """MAE and Hiera-MAE pretrain without stochastic depth: every DropPath of the encoder is the identity unless
+    ``model_config`` names ``drop_path_rate``; the architecture's config is untouched, so the written checkpoint
+    rebuilds with its own rates (0.1 for Hiera) for fine-tuning."""
+    from ornis.models.layers import DropPath
+
+    def rates(model: torch.nn.Module) -> list[float]:
+        return [m.p for m in model.modules() if isinstance(m, DropPath)]
+
+    depths = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1)  # hiera's registered drop_path_rate: 0.1
+    opts = MIMOptions(train=photos_folder, arch="hiera_abswin_tiny", size=64, model_config=depths, **DECODER)
+    mae, _ = build_mae(opts)
+    assert len(rates(mae.encoder)) == 4 and set(rates(mae.encoder)) == {0.0}
+    assert mae.encoder.config.drop_path_rate == pytest.approx(0.1)
+    given, _ = build_mae(MIMOptions(**{**opts.__dict__, "model_config": {**depths, "drop_path_rate": 0.3}}))
+    assert max(rates(given.encoder)) == pytest.approx(0.3)
+    cfg = TrainConfig(steps=1, batch_size=4, output_dir=tmp_path, log_every=0)
+    net, _ = ornis.load_pretrained_model(train_mim(opts, cfg).checkpoint)
+    assert max(rates(net)) == pytest.approx(0.1)
+
+
 def test_the_decoder_reads_the_class_token():
     """As in MAE, a ViT's class token joins the decoder: the loss depends on the class token's final output (which
     nothing else trains) and its gradient reaches it, while the decoder's position table covers the cells only."""

@@ -49,6 +49,14 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def without_stochastic_depth(model: nn.Module) -> None:
+    """Turn every ``DropPath`` in ``model`` into the identity (p = 0) without touching its config, so a checkpoint
+    written from it still records, and a fine-tuning run from it still gets, the architecture's own rates."""
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            module.p = 0.0
+
+
 def drop_path_rates(rate: float, count: int) -> list[float]:
     """Stochastic-depth rates growing linearly from 0 to ``rate`` over ``count`` blocks (plain floats, so models
     can be built on the meta device)."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from ornis.models.base import Encoder
 from ornis.models.capabilities import MaskedTokenOmission, require, visible_cells
-from ornis.models.layers import sincos_table
+from ornis.models.layers import sincos_table, without_stochastic_depth
 from ornis.models.registry import get_model_spec
 from ornis.models.vit import EncoderBlock, ViTConfig
 from ornis.train.config import OptimDefaults, Recipe, TrainConfig, TrainResult
@@ -296,7 +296,8 @@ class MIMOptions:
     weights: str | os.PathLike | None = None  # continue pretraining a checkpoint
     arch: str | None = None  # or start from scratch
     size: int | None = None
-    model_config: dict[str, Any] | None = None
+    model_config: dict[str, Any] | None = None  # from scratch; stochastic depth is off (MAE and Hiera-MAE pretrain
+    # without it) unless this names "drop_path_rate"; the checkpoint keeps the architecture's rates for fine-tuning
     positions: Positions | None = None  # from scratch: "sincos" starts the encoder's and the decoder's tables as
     # 2-D sine-cosine ones (MAE's, learned here; see start_encoder); None: the family's MIM paper's (mim_positions:
     # sine-cosine for a ViT as MAE, the architecture's own for Hiera as Hiera-MAE)
@@ -313,6 +314,8 @@ def build_mae(opts: MIMOptions) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """The masked autoencoder over the encoder ``opts`` starts from, and the encoder's rgb stats."""
     positions = opts.positions or mim_positions(opts.arch)
     started = start_encoder(opts.weights, opts.arch, opts.size, opts.model_config, positions=positions)
+    if "drop_path_rate" not in (opts.model_config or {}):
+        without_stochastic_depth(started.encoder)
     mae = MaskedAutoencoder(
         started.encoder,
         opts.decoder_dim,
