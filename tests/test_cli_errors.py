@@ -117,6 +117,24 @@ CASES = [
     case("train", "classify", f"{W}/empty", "--arch", T, "-o", f"{W}/t3", "--steps", "1", code=1, match="empty"),
     case("train", "classify", f"{W}/images", "-o", f"{W}/t4", "--steps", "1", code=2, match="--weights"),
     case("train", "mim", f"{W}/missing", "--arch", "hiera_abswin_tiny", "-o", f"{W}/t5", "--steps", "1", code=1),
+    *(
+        case(
+            "train",
+            "mim",
+            f"{W}/images",
+            "--arch",
+            T,
+            "-o",
+            f"{W}/t5r",
+            "--steps",
+            "1",
+            "--model-config",
+            f'{{"drop_path_rate": {rate}}}',
+            code=2,
+            match="drop_path_rate must be in [0, 1)",
+        )
+        for rate in (-1, 1.5)
+    ),
     case(
         "train",
         "mim",

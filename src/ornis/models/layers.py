@@ -59,7 +59,9 @@ def without_stochastic_depth(model: nn.Module) -> None:
 
 def drop_path_rates(rate: float, count: int) -> list[float]:
     """Stochastic-depth rates growing linearly from 0 to ``rate`` over ``count`` blocks (plain floats, so models
-    can be built on the meta device)."""
+    can be built on the meta device). ValueError for a rate outside [0, 1), before any block is built."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
     return [rate * i / (count - 1) if count > 1 else 0.0 for i in range(count)]
 
 
